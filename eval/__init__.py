@@ -1,0 +1,1 @@
+"""Evaluation entry points (import name: flamingo_eval)."""

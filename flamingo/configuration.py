@@ -1,0 +1,102 @@
+"""Configuration objects: every hyperparameter of a Flamingo model, saved as ``config.json`` next to its weights.
+
+Defaults follow the Flamingo paper and OpenFlamingo: 64 latents, a depth-6 perceiver, 8 heads of width 64,
+feed-forward multiplier 4, tanh gates initialised at 0, and a text token that sees only the image right before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write_text
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class PerceiverConfig:
+    """The Perceiver Resampler: learned latents that compress each image (or video) to ``num_latents`` tokens."""
+
+    depth: int = 6
+    num_latents: int = 64
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    # Learned frame (time) embeddings for video input, one per frame index. None disables video input.
+    max_frames: int | None = 8
+
+
+@dataclass
+class CrossAttentionConfig:
+    """The tanh-gated cross-attention + feed-forward blocks inserted into the language model."""
+
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    # True: a text token sees only the latest image at or before it (the paper's default).
+    # False: it sees every image at or before it.
+    only_attend_immediate_media: bool = True
+
+
+@dataclass
+class FlamingoConfig:
+    """Everything needed to rebuild a Flamingo model: backbone references, architecture, and special tokens.
+
+    Backbones are stored by reference (``vision_model`` + ``vision_pretrained``, ``lang_model``), so a saved model
+    holds only the weights we train. ``vision_model_cfg`` keeps the open_clip architecture itself, so a custom config
+    registered with ``open_clip.add_model_config`` reloads in a fresh process.
+    """
+
+    vision_model: str | None = None
+    lang_model: str | None = None
+    vision_pretrained: str | None = None
+    vision_model_cfg: dict | None = None
+    vision_preprocess_cfg: dict | None = None
+    cross_attn_every_n_layers: int = 1
+    decoder_layers_attr: str | None = None
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
+    media_token: str = "<image>"
+    end_of_chunk_token: str = "<|endofchunk|>"
+    # Filled in when the tokenizer is attached (see ``flamingo.factory``).
+    media_token_id: int | None = None
+    end_of_chunk_token_id: int | None = None
+    pad_token_id: int | None = None
+    added_token_ids: list[int] = field(default_factory=list)
+    vocab_size: int | None = None
+    # Frozen language-model parameters whose values differ from the referenced backbone (for example the embedding
+    # table that OpenFlamingo trained in full). They are saved alongside the trainable weights.
+    saved_lang_params: list[str] = field(default_factory=list)
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlamingoConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown FlamingoConfig fields {unknown}; known fields are {sorted(known)}.")
+        data = dict(data)
+        data["perceiver"] = PerceiverConfig(**data.get("perceiver", {}))
+        data["cross_attention"] = CrossAttentionConfig(**data.get("cross_attention", {}))
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> None:
+        atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FlamingoConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise ValueError(f"{directory} holds no {CONFIG_NAME}; is it a directory written by save_pretrained?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        return cls.from_dict(data)

@@ -1,0 +1,89 @@
+"""Tanh-gated masked cross-attention (Flamingo, section 2.2 and figure 4).
+
+Each block lets the language model's hidden states attend to the perceiver's visual tokens, then applies a
+feed-forward layer; both residual branches are scaled by ``tanh(gate)`` with the gates initialised to 0, so a fresh
+model computes exactly what the frozen language model computes.
+
+Image-causal masking: ``images_seen[b, i]`` counts the ``<image>`` tokens at or before text position ``i``.
+A token with ``images_seen == k > 0`` attends to the latents of image ``k`` only (or to images ``1..k`` when
+``only_attend_immediate_media`` is False); a token with ``images_seen == 0`` gets no cross-attention output.
+Padded media slots (index > the sample's number of ``<image>`` tokens) are therefore never attended.
+
+Axes: b batch, l text tokens, t media, n latents per media, h heads, e head width, d width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .configuration import CrossAttentionConfig
+from .perceiver import FeedForward
+
+
+def media_attention_mask(images_seen: torch.Tensor, num_media: int, num_latents: int, immediate: bool) -> torch.Tensor:
+    """Which visual tokens each text token may attend to.
+
+    images_seen: (b, l) long. Returns a bool mask (b, 1, l, t * n), True where attention is allowed.
+    """
+    media_index = torch.arange(1, num_media + 1, device=images_seen.device).repeat_interleave(num_latents)
+    seen = images_seen[:, None, :, None]
+    return seen == media_index if immediate else seen >= media_index
+
+
+class MaskedCrossAttention(nn.Module):
+    """Text queries attend to visual keys/values under the image-causal mask."""
+
+    def __init__(self, dim: int, dim_visual: int, config: CrossAttentionConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.immediate = config.only_attend_immediate_media
+        inner = config.heads * config.dim_head
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def keys_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """media: (b, t, n, d_visual) -> keys, values: each (b, h, t * n, e). Computed once per call and reused."""
+        kv = self.to_kv(rearrange(media, "b t n d -> b (t n) d").to(self.to_kv.weight.dtype))
+        k, v = kv.chunk(2, dim=-1)
+        return tuple(rearrange(x, "b s (h e) -> b h s e", h=self.heads) for x in (k, v))
+
+    def forward(
+        self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], images_seen: torch.Tensor, num_latents: int
+    ) -> torch.Tensor:
+        """x: (b, l, d); keys_values from :meth:`keys_values`; images_seen: (b, l) -> (b, l, d)."""
+        k, v = keys_values
+        num_media = k.shape[2] // num_latents
+        q = rearrange(self.to_q(self.norm(x)), "b l (h e) -> b h l e", h=self.heads)
+        allowed = media_attention_mask(images_seen, num_media, num_latents, self.immediate)
+        has_media = images_seen > 0  # (b, l)
+        # A row with nothing to attend to would make softmax produce NaN; let it attend anywhere, then zero it.
+        allowed = allowed | ~has_media[:, None, :, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        out = rearrange(out, "b h l e -> b l (h e)") * has_media[..., None].to(out.dtype)
+        return self.to_out(out)
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """``x + tanh(a) * xattn(x)`` then ``x + tanh(f) * ffw(x)``, with gates a, f starting at 0.
+
+    Shapes: x (b, l, d_text), media latents (b, t, n, d_visual) -> (b, l, d_text).
+    """
+
+    def __init__(self, dim: int, dim_visual: int, config: CrossAttentionConfig | None = None):
+        super().__init__()
+        config = config or CrossAttentionConfig()
+        self.attn = MaskedCrossAttention(dim, dim_visual, config)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = FeedForward(dim, config.ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], images_seen: torch.Tensor, num_latents: int
+    ) -> torch.Tensor:
+        x = x + self.attn_gate.tanh() * self.attn(x, keys_values, images_seen, num_latents)
+        return x + self.ff_gate.tanh() * self.ff(x)

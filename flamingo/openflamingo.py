@@ -1,0 +1,160 @@
+"""Import OpenFlamingo checkpoints by key mapping onto our modules.
+
+OpenFlamingo's state dicts come in two layouts, both handled:
+
+* v2 (per layer): ``lang_encoder.<layers>.N.gated_cross_attn_layer.*`` and ``lang_encoder.<layers>.N.decoder_layer.*``;
+* v1: ``lang_encoder.gated_cross_attn_layers.N.*`` and ``lang_encoder.old_decoder_blocks.N.*``;
+
+either a full state dict (a full dict holds both, since the same modules are registered twice) or only the
+trainable parameters (perceiver, cross-attention, embeddings). Wrapper prefixes from DDP, FSDP or
+``torch.compile`` (``module.``, ``_fsdp_wrapped_module.``, ``_orig_mod.``...) are removed first.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .configuration import PerceiverConfig
+from .factory import create_model_and_processor
+from .modeling import Flamingo
+from .processing import FlamingoProcessor
+
+_WRAPPER_PREFIXES = re.compile(r"(^|\.)(module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+
+# OpenFlamingo's FeedForward is nn.Sequential(LayerNorm, Linear, GELU, Linear).
+_FEED_FORWARD = {"0": "norm", "1": "fc_in", "3": "fc_out"}
+
+
+def _rename_feed_forward(rest: str) -> str:
+    match = re.match(r"ff\.(\d)\.(.+)$", rest)
+    return f"ff.{_FEED_FORWARD[match.group(1)]}.{match.group(2)}" if match else rest
+
+
+def _perceiver_key(rest: str) -> str:
+    match = re.match(r"layers\.(\d+)\.([01])\.(.+)$", rest)
+    if match:
+        layer, part, tail = match.groups()
+        if part == "0":
+            return f"layers.{layer}.attn.{tail}"
+        return f"layers.{layer}.{_rename_feed_forward('ff.' + tail)}"
+    return {"frame_embs": "frame_embeddings"}.get(rest, rest)
+
+
+def convert_openflamingo_state_dict(
+    state: dict[str, torch.Tensor], decoder_layers_attr: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split an OpenFlamingo state dict into (our Flamingo-module keys, language-model keys)."""
+    layers = re.escape(decoder_layers_attr)
+    v2_xattn = re.compile(rf"^lang_encoder\.{layers}\.(\d+)\.gated_cross_attn_layer\.(.+)$")
+    v1_xattn = re.compile(r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)$")
+    v2_layer = re.compile(rf"^lang_encoder\.{layers}\.(\d+)\.decoder_layer\.(.+)$")
+    v1_layer = re.compile(r"^lang_encoder\.old_decoder_blocks\.(\d+)\.(.+)$")
+
+    ours: dict[str, torch.Tensor] = {}
+    lang: dict[str, torch.Tensor] = {}
+    for raw_key, value in state.items():
+        key = _WRAPPER_PREFIXES.sub(r"\1", raw_key)
+        if key.startswith("vision_encoder."):
+            ours["vision_encoder.visual." + key[len("vision_encoder.") :]] = value
+        elif key.startswith("perceiver."):
+            ours["perceiver." + _perceiver_key(key[len("perceiver.") :])] = value
+        elif match := v2_xattn.match(key) or v1_xattn.match(key):
+            index, rest = match.groups()
+            ours[f"cross_attn_blocks.{index}.{_rename_feed_forward(rest)}"] = value
+        elif match := v2_layer.match(key) or v1_layer.match(key):
+            index, rest = match.groups()
+            lang[f"{decoder_layers_attr}.{index}.{rest}"] = value
+        elif key.startswith("lang_encoder."):
+            lang[key[len("lang_encoder.") :]] = value
+        else:
+            raise ValueError(f"Unrecognised key {raw_key!r} in the OpenFlamingo checkpoint.")
+    return ours, lang
+
+
+def _load_checkpoint(checkpoint: str | Path | dict) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, dict):
+        state = checkpoint
+    else:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ValueError(f"OpenFlamingo checkpoint {path} does not exist.")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    # Training checkpoints wrap the weights: {"model_state_dict": ..., "optimizer_state_dict": ...}.
+    for wrapper in ("model_state_dict", "state_dict", "model"):
+        if wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    return state
+
+
+def load_openflamingo(
+    checkpoint: str | Path | dict,
+    *,
+    vision_encoder: str | nn.Module,
+    vision_pretrained: str | None,
+    lang_model: str | PreTrainedModel,
+    cross_attn_every_n_layers: int,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+    decoder_layers_attr: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Flamingo, FlamingoProcessor]:
+    """Load an OpenFlamingo ``checkpoint.pt`` (loaded with ``weights_only=True``) into a Flamingo model.
+
+    The backbones are given as for OpenFlamingo's ``create_model_and_transforms`` (e.g. ``"ViT-L-14"``,
+    ``"openai"``, ``"anas-awadalla/mpt-1b-redpajama-200b"``). As in OpenFlamingo, the LM vocabulary is resized to the
+    tokenizer's length. OpenFlamingo has no frame embeddings; ours are set to zero, which changes nothing for images.
+    """
+    model, processor = create_model_and_processor(
+        vision_model=vision_encoder,
+        vision_pretrained=vision_pretrained,
+        lang_model=lang_model,
+        tokenizer=tokenizer,
+        cross_attn_every_n_layers=cross_attn_every_n_layers,
+        decoder_layers_attr=decoder_layers_attr,
+        perceiver=PerceiverConfig(),
+        trust_remote_code=trust_remote_code,
+        resize_to_tokenizer=True,
+    )
+    ours, lang = convert_openflamingo_state_dict(_load_checkpoint(checkpoint), model.config.decoder_layers_attr)
+
+    with torch.no_grad():
+        if model.perceiver.frame_embeddings is not None and "perceiver.frame_embeddings" not in ours:
+            model.perceiver.frame_embeddings.zero_()
+        own = model.state_dict()
+        for key, value in ours.items():
+            if key not in own:
+                raise ValueError(f"OpenFlamingo weight {key!r} has no counterpart in this model; check the backbones.")
+            if own[key].shape != value.shape:
+                raise ValueError(f"OpenFlamingo weight {key!r} has shape {tuple(value.shape)}, ours {tuple(own[key].shape)}.")
+            own[key].copy_(value)
+        missing = [k for k in model.trainable_state_dict() if k.startswith(("perceiver.", "cross_attn_blocks.")) and k not in ours]
+        missing = [k for k in missing if k != "perceiver.frame_embeddings"]
+        if missing:
+            raise ValueError(f"The OpenFlamingo checkpoint lacks {len(missing)} Flamingo weights, e.g. {missing[:5]}.")
+
+        lang_own = model.lang_model.state_dict()
+        changed = []
+        for key, value in lang.items():
+            if key not in lang_own:
+                raise ValueError(f"OpenFlamingo weight 'lang_encoder.{key}' has no counterpart in the language model.")
+            if lang_own[key].shape != value.shape:
+                raise ValueError(
+                    f"OpenFlamingo weight 'lang_encoder.{key}' has shape {tuple(value.shape)}, the language model "
+                    f"{tuple(lang_own[key].shape)}; check lang_model and tokenizer."
+                )
+            if not torch.equal(lang_own[key], value.to(lang_own[key].dtype)):
+                lang_own[key].copy_(value)
+                changed.append(key)
+    model.added_tokens.reset_from_lang_model(model.lang_model)
+    # Frozen LM weights that OpenFlamingo trained (its full embedding table) travel with our saved weights.
+    model.config.saved_lang_params = sorted(set(changed))
+    return model, processor

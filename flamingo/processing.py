@@ -1,0 +1,192 @@
+"""FlamingoProcessor: text and images in, ``input_ids`` / ``attention_mask`` / ``pixel_values`` out.
+
+Two input styles, each for one sample or a batch:
+
+* interleaved: ``[img1, "An image of two cats.", img2, "An image of"]``. Each image becomes an ``<image>`` token;
+  text that is followed by another image is closed with ``<|endofchunk|>`` (unless it already ends with it);
+* marked text: ``text="<image>An image of two cats.<|endofchunk|><image>An image of", images=[img1, img2]``.
+
+Images may be PIL images, file paths (``str`` or ``Path`` in marked-text style, ``Path`` in interleaved style, where a
+``str`` is text), or raw bytes. A batch may mix samples with different numbers of images: ``pixel_values`` is
+zero-padded to the largest count, and the model never attends to padded slots (they have no ``<image>`` token).
+Padding of the text is on the left by default, as generation needs.
+
+Shapes: input_ids, attention_mask (B, L); pixel_values (B, T_img, 1, C, H, W).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+
+from .io import atomic_write_text
+
+MEDIA_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+
+ImageLike = Image.Image | str | Path | bytes
+
+
+def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Add ``<|endofchunk|>``, ``<image>`` and (if the tokenizer has none) ``<PAD>``; return the added ids.
+
+    The order is OpenFlamingo's, so token ids match their released checkpoints.
+    """
+    before = len(tokenizer)
+    tokenizer.add_special_tokens({"extra_special_tokens": [END_OF_CHUNK_TOKEN, MEDIA_TOKEN]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    added = [tokenizer.convert_tokens_to_ids(t) for t in (END_OF_CHUNK_TOKEN, MEDIA_TOKEN, PAD_TOKEN)]
+    return [i for i in added if i is not None and i >= before]
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """Open an image as RGB; raise ValueError naming the file if it cannot be read."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    name = f"{len(image)} bytes" if isinstance(image, bytes) else str(image)
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            return opened.convert("RGB")
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"Cannot read image {name}: {error}") from error
+
+
+class FlamingoProcessor:
+    """Tokenizer + image transform. ``processor.tokenizer`` is the HF tokenizer with the Flamingo tokens added."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, preprocess_cfg: dict[str, Any]):
+        self.tokenizer = tokenizer
+        self.preprocess_cfg = dict(preprocess_cfg)
+        self.image_transform = image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
+        self.media_token_id = tokenizer.convert_tokens_to_ids(MEDIA_TOKEN)
+        self.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids(END_OF_CHUNK_TOKEN)
+        if self.media_token_id is None or self.media_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {MEDIA_TOKEN} token; call add_flamingo_tokens(tokenizer) first.")
+
+    # ---------------------------------------------------------------------------------------------- inputs
+    def __call__(
+        self,
+        inputs: Sequence[Any] | None = None,
+        *,
+        text: str | Sequence[str] | None = None,
+        images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
+        padding_side: str = "left",
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        if return_tensors != "pt":
+            raise ValueError(f"Only return_tensors='pt' is supported, got {return_tensors!r}.")
+        if inputs is not None:
+            if text is not None or images is not None:
+                raise ValueError("Give either an interleaved sequence or text= and images=, not both.")
+            texts, image_lists = self._from_interleaved(inputs)
+        elif text is not None:
+            texts, image_lists = self._from_marked_text(text, images)
+        else:
+            raise ValueError("Nothing to process: give an interleaved sequence, or text= (with images=).")
+
+        encoded = self.tokenizer(texts, padding="longest", padding_side=padding_side, return_tensors="pt")
+        input_ids = encoded["input_ids"]
+        counts = (input_ids == self.media_token_id).sum(dim=1).tolist()
+        for index, (count, sample_images) in enumerate(zip(counts, image_lists)):
+            if count != len(sample_images):
+                raise ValueError(
+                    f"Sample {index} has {count} {MEDIA_TOKEN} token(s) but {len(sample_images)} image(s) were given."
+                )
+        return BatchFeature(
+            {
+                "input_ids": input_ids,
+                "attention_mask": encoded["attention_mask"],
+                "pixel_values": self.preprocess_images(image_lists),
+            }
+        )
+
+    def preprocess_images(self, image_lists: Sequence[Sequence[ImageLike]]) -> torch.Tensor:
+        """Per-sample image lists -> (B, T_max, 1, C, H, W), zero-padded where a sample has fewer images."""
+        c, (h, w) = 3, self._size()
+        most = max((len(x) for x in image_lists), default=0)
+        pixels = torch.zeros(len(image_lists), max(most, 1), 1, c, h, w)
+        for b, sample in enumerate(image_lists):
+            for t, image in enumerate(sample):
+                pixels[b, t, 0] = self.image_transform(load_image(image))
+        return pixels
+
+    def _size(self) -> tuple[int, int]:
+        size = self.preprocess_cfg["size"]
+        return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+    @staticmethod
+    def _is_batch_of_interleaved(inputs: Sequence[Any]) -> bool:
+        return len(inputs) > 0 and all(isinstance(x, (list, tuple)) for x in inputs)
+
+    def _from_interleaved(self, inputs: Sequence[Any]) -> tuple[list[str], list[list[ImageLike]]]:
+        samples = inputs if self._is_batch_of_interleaved(inputs) else [inputs]
+        texts, image_lists = [], []
+        for sample in samples:
+            parts: list[str] = []
+            sample_images: list[ImageLike] = []
+            for item in sample:
+                if isinstance(item, str):
+                    parts.append(item)
+                elif isinstance(item, (Image.Image, Path, bytes)):
+                    # Text that is followed by another image ends its chunk.
+                    if parts and not parts[-1].rstrip().endswith(END_OF_CHUNK_TOKEN):
+                        parts.append(END_OF_CHUNK_TOKEN)
+                    parts.append(MEDIA_TOKEN)
+                    sample_images.append(item)
+                else:
+                    raise ValueError(
+                        f"Interleaved items must be text (str) or images (PIL.Image, pathlib.Path, bytes); "
+                        f"got {type(item).__name__}."
+                    )
+            texts.append("".join(parts))
+            image_lists.append(sample_images)
+        return texts, image_lists
+
+    @staticmethod
+    def _from_marked_text(
+        text: str | Sequence[str], images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None
+    ) -> tuple[list[str], list[list[ImageLike]]]:
+        if isinstance(text, str):
+            texts = [text]
+            image_lists = [list(images or [])]
+            if image_lists[0] and isinstance(image_lists[0][0], (list, tuple)):
+                raise ValueError("For one text, give images as a flat list, not a list of lists.")
+        else:
+            texts = list(text)
+            image_lists = [list(x) for x in images] if images is not None else [[] for _ in texts]
+            if len(image_lists) != len(texts):
+                raise ValueError(f"Got {len(texts)} texts but {len(image_lists)} image lists; give one list per text.")
+        return texts, image_lists
+
+    # ---------------------------------------------------------------------------------------------- decoding
+    def batch_decode(self, token_ids: torch.Tensor, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(token_ids, **kwargs)
+
+    def decode(self, token_ids: torch.Tensor, **kwargs) -> str:
+        return self.tokenizer.decode(token_ids, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------- files
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        atomic_write_text(directory / PREPROCESSOR_CONFIG_NAME, json.dumps(self.preprocess_cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **tokenizer_kwargs) -> FlamingoProcessor:
+        directory = Path(directory)
+        path = directory / PREPROCESSOR_CONFIG_NAME
+        if not path.is_file():
+            raise ValueError(f"{directory} holds no {PREPROCESSOR_CONFIG_NAME}; was it written by save_pretrained?")
+        tokenizer = AutoTokenizer.from_pretrained(directory, **tokenizer_kwargs)
+        return cls(tokenizer, json.loads(path.read_text()))

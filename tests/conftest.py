@@ -1,0 +1,56 @@
+"""Shared pytest fixtures: tiny random backbones saved to disk (see ``backbones.py``).
+
+There is no ``tests/__init__.py``: with pytest's default ``prepend`` import mode the ``tests/`` directory is put on
+``sys.path``, so this file and the test modules import the helpers as ``from backbones import ...``.
+"""
+
+import os
+
+# Nothing in the test suite may touch the network or the Hugging Face hub; set this before transformers is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+from backbones import FAMILIES, register_tiny_vision_config, save_tiny_lm, save_tiny_vision_weights  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tmp_path_factory):
+    """``{"name": <open_clip config name>, "weights": <path of a state-dict file>}`` for the tiny ViT.
+
+    Use as ``open_clip.create_model(tiny_vision["name"], pretrained=tiny_vision["weights"])``.
+    """
+    name = register_tiny_vision_config()
+    weights = save_tiny_vision_weights(name, tmp_path_factory.mktemp("tiny_vision") / "tiny_vit.pt", seed=0)
+    return {"name": name, "weights": weights}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A function ``family -> directory`` holding a tiny saved causal LM and its tokenizer.
+
+    Each family is built the first time it is asked for and reused for the rest of the session.
+    """
+    built = {}
+
+    def get(family):
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        if family not in built:
+            built[family] = save_tiny_lm(tmp_path_factory.mktemp(f"tiny_{family}"), family, seed=0)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dirs(tiny_lm_dir):
+    """``{family: directory}`` for every family in ``FAMILIES`` (builds all of them, well under a second)."""
+    return {family: tiny_lm_dir(family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_lm_dir):
+    """Directory of the tiny Llama model and tokenizer (no pad token, prepends ``<s>``, untied head)."""
+    return tiny_lm_dir("llama")
