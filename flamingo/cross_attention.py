@@ -14,6 +14,8 @@ Axes: b batch, l text tokens, t media, n latents per media, h heads, e head widt
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -23,14 +25,22 @@ from .configuration import CrossAttentionConfig
 from .perceiver import FeedForward
 
 
-def media_attention_mask(images_seen: torch.Tensor, num_media: int, num_latents: int, immediate: bool) -> torch.Tensor:
-    """Which visual tokens each text token may attend to.
+class MediaMask(NamedTuple):
+    """allowed: (b, 1, l, t * n) bool, True where a text token may attend to a visual token.
+    has_media: (b, l) bool, False for tokens before the sample's first image (their output is zeroed)."""
 
-    images_seen: (b, l) long. Returns a bool mask (b, 1, l, t * n), True where attention is allowed.
-    """
+    allowed: torch.Tensor
+    has_media: torch.Tensor
+
+
+def media_mask(images_seen: torch.Tensor, num_media: int, num_latents: int, immediate: bool) -> MediaMask:
+    """The image-causal mask for text tokens with ``images_seen`` (b, l) images at or before them."""
     media_index = torch.arange(1, num_media + 1, device=images_seen.device).repeat_interleave(num_latents)
     seen = images_seen[:, None, :, None]
-    return seen == media_index if immediate else seen >= media_index
+    allowed = seen == media_index if immediate else seen >= media_index
+    has_media = images_seen > 0
+    # A row with nothing to attend to would make softmax produce NaN; let it attend anywhere, its output is zeroed.
+    return MediaMask(allowed | ~has_media[:, None, :, None], has_media)
 
 
 class MaskedCrossAttention(nn.Module):
@@ -52,19 +62,12 @@ class MaskedCrossAttention(nn.Module):
         k, v = kv.chunk(2, dim=-1)
         return tuple(rearrange(x, "b s (h e) -> b h s e", h=self.heads) for x in (k, v))
 
-    def forward(
-        self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], images_seen: torch.Tensor, num_latents: int
-    ) -> torch.Tensor:
-        """x: (b, l, d); keys_values from :meth:`keys_values`; images_seen: (b, l) -> (b, l, d)."""
+    def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], mask: MediaMask) -> torch.Tensor:
+        """x: (b, l, d); keys_values from :meth:`keys_values`; mask from :func:`media_mask` -> (b, l, d)."""
         k, v = keys_values
-        num_media = k.shape[2] // num_latents
         q = rearrange(self.to_q(self.norm(x)), "b l (h e) -> b h l e", h=self.heads)
-        allowed = media_attention_mask(images_seen, num_media, num_latents, self.immediate)
-        has_media = images_seen > 0  # (b, l)
-        # A row with nothing to attend to would make softmax produce NaN; let it attend anywhere, then zero it.
-        allowed = allowed | ~has_media[:, None, :, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        out = rearrange(out, "b h l e -> b l (h e)") * has_media[..., None].to(out.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed)
+        out = rearrange(out, "b h l e -> b l (h e)") * mask.has_media[..., None].to(out.dtype)
         return self.to_out(out)
 
 
@@ -82,8 +85,6 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = FeedForward(dim, config.ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(
-        self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], images_seen: torch.Tensor, num_latents: int
-    ) -> torch.Tensor:
-        x = x + self.attn_gate.tanh() * self.attn(x, keys_values, images_seen, num_latents)
+    def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], mask: MediaMask) -> torch.Tensor:
+        x = x + self.attn_gate.tanh() * self.attn(x, keys_values, mask)
         return x + self.ff_gate.tanh() * self.ff(x)

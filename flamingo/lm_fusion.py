@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .cross_attention import GatedCrossAttentionBlock
+from .cross_attention import GatedCrossAttentionBlock, MediaMask, media_mask
 
 
 class MediaContext:
@@ -33,6 +33,7 @@ class MediaContext:
         self.media_token_id = media_token_id
         self.images_seen: torch.Tensor | None = None  # (b, l), for the tokens of the forward in progress
         self._keys_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[bool, torch.device], MediaMask] = {}  # per forward, shared by all blocks
 
     @property
     def num_latents(self) -> int:
@@ -52,6 +53,7 @@ class MediaContext:
         is_media = (input_ids == self.media_token_id).long()
         self.images_seen = self.images_before[:, None] + is_media.cumsum(dim=1)
         self.images_before = self.images_seen[:, -1]
+        self._masks.clear()
 
     def apply(self, block: GatedCrossAttentionBlock, hidden_states: torch.Tensor) -> torch.Tensor:
         """Run one gated block on (b, l, d) hidden states; keys/values of the media are computed once per call."""
@@ -61,8 +63,13 @@ class MediaContext:
         if kv is None:
             kv = block.attn.keys_values(self.media.to(hidden_states.device))
             self._keys_values[block] = kv
-        dtype = block.attn_gate.dtype
-        out = block(hidden_states.to(dtype), kv, self.images_seen.to(hidden_states.device), self.num_latents)
+        key = (block.attn.immediate, hidden_states.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            seen = self.images_seen.to(hidden_states.device)
+            mask = media_mask(seen, self.media.shape[1], self.num_latents, immediate=block.attn.immediate)
+            self._masks[key] = mask
+        out = block(hidden_states.to(block.attn_gate.dtype), kv, mask)
         return out.to(hidden_states.dtype)
 
 

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from backbones import FAMILIES
+from flamingo.cross_attention import media_mask
 from models import build_tiny_model, random_images
 
 
@@ -76,7 +77,8 @@ def test_immediate_mode_sees_only_the_latest_image(tiny_vision, tiny_llama_dir):
 
     def cross_attention_output(pixel_values):
         media = model.encode_media(pixel_values)
-        return block.attn(hidden, block.attn.keys_values(media), seen, media.shape[2])
+        mask = media_mask(seen, media.shape[1], media.shape[2], immediate=True)
+        return block.attn(hidden, block.attn.keys_values(media), mask)
 
     with torch.no_grad():
         base = cross_attention_output(batch["pixel_values"])
@@ -93,7 +95,7 @@ def test_text_before_the_first_image_gets_no_cross_attention_output(tiny_vision,
     media = torch.randn(2, 3, 4, model.vision_encoder.width)
     hidden = torch.randn(2, 5, block.attn.norm.normalized_shape[0])
     seen = torch.tensor([[0, 0, 1, 1, 2], [0, 0, 0, 0, 0]])
-    out = block.attn(hidden, block.attn.keys_values(media), seen, 4)
+    out = block.attn(hidden, block.attn.keys_values(media), media_mask(seen, 3, 4, immediate=True))
     assert torch.equal(out[seen == 0], torch.zeros_like(out[seen == 0]))
     assert out[seen > 0].abs().sum() > 0
 
