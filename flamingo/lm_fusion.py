@@ -30,6 +30,7 @@ class MediaContext:
     def __init__(self, media: torch.Tensor, images_before: torch.Tensor, media_token_id: int):
         self.media = media
         self.images_before = images_before
+        self._images_at_start = images_before  # before the call's first LM forward
         self.media_token_id = media_token_id
         self.images_seen: torch.Tensor | None = None  # (b, l), for the tokens of the forward in progress
         self._keys_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -38,6 +39,13 @@ class MediaContext:
     @property
     def num_latents(self) -> int:
         return self.media.shape[2]
+
+    def start_lm_forward(self, continues_cache: bool) -> None:
+        """Called as each LM forward begins. One that continues no KV cache (``generate`` with ``use_cache=False``,
+        or for an LM whose config turns the cache off, as MPT's does) reads the whole sequence again, so its images
+        are counted from the start of the call, not from the end of the previous forward."""
+        if not continues_cache:
+            self.images_before = self._images_at_start
 
     def observe_input_ids(self, input_ids: torch.Tensor) -> None:
         """Called at the start of every LM forward with its input ids (b', l): counts images per position."""
@@ -49,6 +57,7 @@ class MediaContext:
             repeats = batch // media_batch
             self.media = self.media.repeat_interleave(repeats, dim=0)
             self.images_before = self.images_before.repeat_interleave(repeats, dim=0)
+            self._images_at_start = self._images_at_start.repeat_interleave(repeats, dim=0)
             self._keys_values.clear()
         is_media = (input_ids == self.media_token_id).long()
         self.images_seen = self.images_before[:, None] + is_media.cumsum(dim=1)

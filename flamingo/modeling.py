@@ -76,6 +76,7 @@ class Flamingo(nn.Module):
         )
         self._media_slot = MediaSlot()
         fuse_cross_attention(layers, {int(i): b for i, b in self.cross_attn_blocks.items()}, self._media_slot)
+        lang_model.register_forward_pre_hook(self._observe_lm_forward, with_kwargs=True)
         lang_model.get_input_embeddings().register_forward_pre_hook(self._observe_input_ids)
         self.added_tokens = AddedTokenEmbeddings(lang_model, config.added_token_ids)
         self.freeze_backbones()
@@ -146,6 +147,12 @@ class Flamingo(nn.Module):
         if media is None:
             return None
         return MediaContext(media, images_before, self.config.media_token_id)
+
+    def _observe_lm_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = self._media_slot.context
+        if context is not None:
+            past = kwargs.get("past_key_values")
+            context.start_lm_forward(past is not None and _cache_length(past) > 0)
 
     def _observe_input_ids(self, module: nn.Module, args: tuple) -> None:
         context = self._media_slot.context

@@ -76,6 +76,15 @@ def convert_openflamingo_state_dict(
     return ours, lang
 
 
+def _checkpoint_key(state: dict, decoder_layers_attr: str, key: str, *, lang: bool) -> str:
+    """The checkpoint's own name for a converted key (ours, or the LM's when ``lang``), for error messages."""
+    for raw_key in state:
+        ours, lang_keys = convert_openflamingo_state_dict({raw_key: None}, decoder_layers_attr)
+        if key in (lang_keys if lang else ours):
+            return raw_key
+    return key
+
+
 def _load_checkpoint(checkpoint: str | Path | dict) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, dict):
         state = checkpoint
@@ -124,7 +133,11 @@ def load_openflamingo(
         trust_remote_code=trust_remote_code,
         resize_to_tokenizer=True,
     )
-    ours, lang = convert_openflamingo_state_dict(_load_checkpoint(checkpoint), model.config.decoder_layers_attr)
+    state = _load_checkpoint(checkpoint)
+    ours, lang = convert_openflamingo_state_dict(state, model.config.decoder_layers_attr)
+
+    def named(key: str, lang: bool = False) -> str:
+        return repr(_checkpoint_key(state, model.config.decoder_layers_attr, key, lang=lang))
 
     with torch.no_grad():
         if model.perceiver.frame_embeddings is not None and "perceiver.frame_embeddings" not in ours:
@@ -132,9 +145,15 @@ def load_openflamingo(
         own = model.state_dict()
         for key, value in ours.items():
             if key not in own:
-                raise ValueError(f"OpenFlamingo weight {key!r} has no counterpart in this model; check the backbones.")
+                raise ValueError(
+                    f"OpenFlamingo weight {named(key)} (ours {key!r}) has no counterpart in this model; "
+                    "check the backbones."
+                )
             if own[key].shape != value.shape:
-                raise ValueError(f"OpenFlamingo weight {key!r} has shape {tuple(value.shape)}, ours {tuple(own[key].shape)}.")
+                raise ValueError(
+                    f"OpenFlamingo weight {named(key)} has shape {tuple(value.shape)}, ours ({key!r}) "
+                    f"{tuple(own[key].shape)}."
+                )
             own[key].copy_(value)
         missing = [k for k in model.trainable_state_dict() if k.startswith(("perceiver.", "cross_attn_blocks.")) and k not in ours]
         missing = [k for k in missing if k != "perceiver.frame_embeddings"]
@@ -145,10 +164,12 @@ def load_openflamingo(
         changed = []
         for key, value in lang.items():
             if key not in lang_own:
-                raise ValueError(f"OpenFlamingo weight 'lang_encoder.{key}' has no counterpart in the language model.")
+                raise ValueError(
+                    f"OpenFlamingo weight {named(key, lang=True)} has no counterpart in the language model."
+                )
             if lang_own[key].shape != value.shape:
                 raise ValueError(
-                    f"OpenFlamingo weight 'lang_encoder.{key}' has shape {tuple(value.shape)}, the language model "
+                    f"OpenFlamingo weight {named(key, lang=True)} has shape {tuple(value.shape)}, the language model "
                     f"{tuple(lang_own[key].shape)}; check lang_model and tokenizer."
                 )
             if not torch.equal(lang_own[key], value.to(lang_own[key].dtype)):

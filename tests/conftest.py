@@ -1,7 +1,7 @@
-"""Shared pytest fixtures: tiny random backbones saved to disk (see ``backbones.py``).
+"""Shared pytest fixtures: tiny random backbones saved to disk (built by ``flamingo.testing``).
 
 There is no ``tests/__init__.py``: with pytest's default ``prepend`` import mode the ``tests/`` directory is put on
-``sys.path``, so this file and the test modules import the helpers as ``from backbones import ...``.
+``sys.path``, so test modules import their helpers as ``from models import ...``.
 """
 
 import os
@@ -12,7 +12,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 
-from backbones import FAMILIES, register_tiny_vision_config, save_tiny_lm, save_tiny_vision_weights  # noqa: E402
+from flamingo.testing import FAMILIES, register_tiny_vision_config, save_tiny_lm, save_tiny_vision_weights  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,9 @@
-"""Tiny Flamingo models and inputs for tests, built from the tiny backbones in ``backbones.py``."""
+"""Tiny Flamingo models and inputs for tests, built from the tiny backbones in ``flamingo.testing``."""
 
-import numpy as np
 import torch
-from PIL import Image
 
 import flamingo
+from flamingo.testing import random_images  # noqa: F401  (re-exported for the tests)
 
 TINY_PERCEIVER = flamingo.PerceiverConfig(depth=2, num_latents=4, heads=2, dim_head=16, max_frames=4)
 TINY_CROSS_ATTENTION = flamingo.CrossAttentionConfig(heads=2, dim_head=16)
@@ -29,9 +28,3 @@ def build_tiny_model(vision, lm_dir, *, every=2, immediate=True, open_gates=True
                 block.attn_gate.fill_(1.0)
                 block.ff_gate.fill_(0.5)
     return model.eval(), processor
-
-
-def random_images(count, seed=0, size=40):
-    """``count`` random RGB PIL images (non-square, so the resize/crop path is exercised)."""
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray((rng.random((size, size + 8, 3)) * 255).astype("uint8")) for _ in range(count)]

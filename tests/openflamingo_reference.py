@@ -9,7 +9,12 @@ import re
 import torch
 
 # OpenFlamingo infers the decoder-layer path from the class name and knows llama, opt, gpt_neox and mpt only.
-OPENFLAMINGO_LAYERS_ATTR = {"gpt2": "transformer.h", "phi": "model.layers", "mistral": "model.layers", "qwen2": "model.layers"}
+OPENFLAMINGO_LAYERS_ATTR = {
+    "gpt2": "transformer.h",
+    "phi": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+}
 CROSS_ATTN_EVERY = 2
 ATTN_GATE, FF_GATE = 0.8, -0.5
 
@@ -22,9 +27,16 @@ def patched_forwards():
        would land in ``attention_mask``; the replacement passes ``*args`` through unchanged.
     2. ``FlamingoLMMixin.forward(self, input_ids, attention_mask, **kw)`` requires ``attention_mask``, but
        ``generate`` in transformers 5 drops an all-ones mask and passes none; the replacement defaults it to None.
+       Its signature also hid ``position_ids``, and transformers 5's generic ``prepare_inputs_for_generation``
+       builds padding-aware position ids (from the attention mask) only for a forward that declares them; so it
+       declares ``position_ids`` and hands them on to LMs whose own forward takes them. (Under the transformers 4
+       of OpenFlamingo's time, GPT-2 built them itself; without this, left-padded GPT-2 generation would shift the
+       absolute positions of the padded samples.)
 
-    Neither changes what the reference computes.
+    None of this changes what the reference computes in a plain forward.
     """
+    import inspect
+
     import open_flamingo.src.flamingo_lm as ofl
 
     def layer_forward(self, lang_x, *args, **kwargs):
@@ -38,7 +50,10 @@ def patched_forwards():
 
     original_lm_forward = ofl.FlamingoLMMixin.forward
 
-    def lm_forward(self, input_ids, attention_mask=None, **kwargs):
+    def lm_forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        lm_forward_params = inspect.signature(super(ofl.FlamingoLMMixin, self).forward).parameters
+        if position_ids is not None and "position_ids" in lm_forward_params:
+            kwargs["position_ids"] = position_ids
         return original_lm_forward(self, input_ids, attention_mask, **kwargs)
 
     return {(ofl.FlamingoLayer, "forward"): layer_forward, (ofl.FlamingoLMMixin, "forward"): lm_forward}

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from backbones import FAMILIES, FAMILY_SPECS, register_tiny_vision_config, save_tiny_lm
+from flamingo.testing import FAMILIES, FAMILY_SPECS, register_tiny_vision_config, save_tiny_lm
 
 
 def test_vision_config_registration_is_idempotent():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from backbones import FAMILIES
+from flamingo.testing import FAMILIES
 from flamingo.cross_attention import media_mask
 from models import build_tiny_model, random_images
 

@@ -122,3 +122,23 @@ def test_bf16_language_model_with_fp32_flamingo_modules(tiny_vision, tiny_llama_
         model.lang_model.to(torch.bfloat16)
         mixed = model(**batch).logits
     torch.testing.assert_close(mixed.float(), fp32, rtol=0.05, atol=0.05)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_vision, tiny_llama_dir):
+    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir)
+    batch = processor([random_images(1)[0], "An image of two cats.", random_images(1, seed=1)[0], "A dog."])
+    batch["labels"] = batch["input_ids"]
+    model.train()
+
+    def gradients():
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = gradients()
+    model.lang_model.activation_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.lang_model.modules())
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)

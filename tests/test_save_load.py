@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 import flamingo
-from backbones import save_tiny_lm
+from flamingo.testing import save_tiny_lm
 from models import build_tiny_model, random_images
 
 TRAINABLE_PREFIXES = ("perceiver.", "cross_attn_blocks.", "added_tokens.")
