@@ -20,6 +20,10 @@ from .vision import load_vision_encoder, register_model_config
 
 logger = logging.getLogger(__name__)
 
+# Inside a directory written with save_pretrained(..., save_backbones=True).
+VISION_WEIGHTS_NAME = "vision_model.safetensors"
+LANG_MODEL_DIR = "language_model"
+
 
 def _reference(name_or_path: str | None) -> str | None:
     """Local paths are stored absolute so a saved model finds its backbone from any working directory."""
@@ -112,6 +116,3 @@ def build_from_config(config: FlamingoConfig, directory: Path, *, dtype: torch.d
         lm.resize_token_embeddings(config.vocab_size, mean_resizing=False)
     return Flamingo(config, vision_encoder, lm)
 
-
-VISION_WEIGHTS_NAME = "vision_model.safetensors"
-LANG_MODEL_DIR = "language_model"

@@ -3,11 +3,13 @@
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import flamingo, open_flamingo, pytest" 2>/dev/null; then
+# Checked from / so that the source folder in the working directory does not count as installed.
+if ! (cd / && "$ROOT/.venv/bin/python" -c "import flamingo, flamingo_train, flamingo_eval, open_flamingo, pytest") 2>/dev/null; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e ".[test]"
   # OpenFlamingo is only the reference for the parity tests. Its metadata pins torch==2.0.1, so it is installed

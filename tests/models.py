@@ -3,7 +3,6 @@
 import torch
 
 import flamingo
-from flamingo.testing import random_images  # noqa: F401  (re-exported for the tests)
 
 TINY_PERCEIVER = flamingo.PerceiverConfig(depth=2, num_latents=4, heads=2, dim_head=16, max_frames=4)
 TINY_CROSS_ATTENTION = flamingo.CrossAttentionConfig(heads=2, dim_head=16)

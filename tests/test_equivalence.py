@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from flamingo.testing import FAMILIES
 from flamingo.cross_attention import media_mask
-from models import build_tiny_model, random_images
+from models import build_tiny_model
+from flamingo.testing import random_images
 
 
 def _bare_lm_like(model, lm_dir):

@@ -8,7 +8,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import flamingo
-from models import TINY_CROSS_ATTENTION, TINY_PERCEIVER, build_tiny_model, random_images
+from models import TINY_CROSS_ATTENTION, TINY_PERCEIVER, build_tiny_model
+from flamingo.testing import random_images
 
 
 @pytest.fixture(scope="module")

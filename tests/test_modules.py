@@ -6,7 +6,8 @@ import torch
 import flamingo
 from flamingo.cross_attention import GatedCrossAttentionBlock, media_mask
 from flamingo.perceiver import PerceiverResampler
-from models import build_tiny_model, random_images
+from models import build_tiny_model
+from flamingo.testing import random_images
 
 
 def _reference_attention(q, k, v, allowed=None):

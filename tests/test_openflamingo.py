@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flamingo
-from models import random_images
+from flamingo.testing import random_images
 from openflamingo_reference import (
     CROSS_ATTN_EVERY,
     OPENFLAMINGO_LAYERS_ATTR,

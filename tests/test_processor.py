@@ -12,7 +12,8 @@ from transformers import AutoTokenizer
 
 import flamingo
 from flamingo.testing import FAMILIES, FAMILY_SPECS, TINY_VISION_CONFIG
-from models import build_tiny_model, random_images
+from models import build_tiny_model
+from flamingo.testing import random_images
 
 EOC, IMAGE, PAD = "<|endofchunk|>", "<image>", "<PAD>"
 

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 import flamingo
 from flamingo.testing import save_tiny_lm
-from models import build_tiny_model, random_images
+from models import build_tiny_model
+from flamingo.testing import random_images
 
 TRAINABLE_PREFIXES = ("perceiver.", "cross_attn_blocks.", "added_tokens.")
 
