@@ -65,6 +65,8 @@ class MaskedCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], mask: MediaMask) -> torch.Tensor:
         """x: (b, l, d); keys_values from :meth:`keys_values`; mask from :func:`media_mask` -> (b, l, d)."""
         k, v = keys_values
+        if k.shape[2] == 0:  # no media at all: nothing to attend to, and SDPA over zero keys is NaN
+            return torch.zeros_like(x)
         q = rearrange(self.to_q(self.norm(x)), "b l (h e) -> b h l e", h=self.heads)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed)
         out = rearrange(out, "b h l e -> b l (h e)") * mask.has_media[..., None].to(out.dtype)

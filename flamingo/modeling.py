@@ -123,7 +123,7 @@ class Flamingo(nn.Module):
         pixel_values: torch.Tensor | None,
         media: torch.Tensor | None,
         images_before: torch.Tensor | None,
-    ) -> MediaContext | None:
+    ) -> MediaContext:
         if input_ids is None or input_ids.ndim != 2:
             shape = None if input_ids is None else tuple(input_ids.shape)
             raise ValueError(f"input_ids must be a (B, L) tensor of token ids; got {shape}.")
@@ -145,7 +145,9 @@ class Flamingo(nn.Module):
                 f"{available} image(s) per sample were given."
             )
         if media is None:
-            return None
+            # Text only: the blocks still run (their feed-forward branch applies to every token, as in the paper),
+            # so a text's logits do not depend on whether unrelated images were passed along.
+            media = self.perceiver.latents.new_zeros(input_ids.shape[0], 0, *self.perceiver.latents.shape)
         return MediaContext(media, images_before, self.config.media_token_id)
 
     def _observe_lm_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

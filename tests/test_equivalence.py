@@ -218,3 +218,15 @@ def test_generation_stops_at_end_of_chunk_and_never_emits_image_tokens(tiny_visi
             assert (row[hits[0] + 1 :] == pad).all()
     assert stopped > 0
     assert (new != model.config.media_token_id).all()
+
+
+def test_text_without_image_tokens_gives_the_same_logits_with_or_without_pixel_values(tiny_vision, tiny_llama_dir):
+    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir)
+    text_only = processor(text="A sentence with no image at all.")
+    with torch.no_grad():
+        alone = model(input_ids=text_only["input_ids"], attention_mask=text_only["attention_mask"]).logits
+        unused_images = processor(text="<image>", images=random_images(1))["pixel_values"]
+        with_unused_images = model(**{**text_only, "pixel_values": unused_images}).logits
+        generated = model.generate(input_ids=text_only["input_ids"], attention_mask=text_only["attention_mask"], max_new_tokens=4)
+    torch.testing.assert_close(alone, with_unused_images, rtol=0, atol=1e-6)
+    assert generated.shape[1] > text_only["input_ids"].shape[1]
