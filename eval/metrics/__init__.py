@@ -1,0 +1,1 @@
+"""Benchmark metrics: CIDEr-D, VQA accuracy, ROC-AUC."""

@@ -1,0 +1,1 @@
+"""Training data: record formats, tokenisation with image-aware truncation, loaders and mixtures."""
