@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 # Checked from / so that the source folder in the working directory does not count as installed.
-if ! (cd / && "$ROOT/.venv/bin/python" -c "import flamingo, flamingo_train, flamingo_eval, open_flamingo, pytest") 2>/dev/null; then
+if ! (cd / && "$ROOT/.venv/bin/python" -c "import flamingo, flamingo_train, flamingo_eval, open_flamingo, pytest, pycocoevalcap, lemminflect, nltk, inflection") 2>/dev/null; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e ".[test]"
   # OpenFlamingo is only the reference for the parity tests. Its metadata pins torch==2.0.1, so it is installed

@@ -5,10 +5,14 @@ There is no ``tests/__init__.py``: with pytest's default ``prepend`` import mode
 """
 
 import os
+import tempfile
 
 # Nothing in the test suite may touch the network or the Hugging Face hub; set this before transformers is imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# `datasets` caches what it reads; keep the tests' small files out of the user's ~/.cache (subprocesses inherit it).
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="flamingo-tests-datasets-"))
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,107 @@
+"""Rank classification (ImageNet, HatefulMemes): score every class name by its mean per-token log-probability.
+
+The prompt (demos + query image + "Output:") is the same for every class, so it is run ONCE with a KV cache; the
+class names are then scored against copies of that cache, ``class_batch_size`` classes at a time. The class tokens
+continue from the cache with ``images_before = prefix.images_seen``, so they attend to the query image
+(OpenFlamingo's cached path dropped the images there). :func:`class_log_probs_reference` is the plain computation,
+one full forward per (sample, class), kept for the equivalence test and the benchmark.
+
+Memory: a class batch holds ``B * class_batch_size`` copies of the prompt's cache; lower ``class_batch_size`` for
+long prompts on large models (1 reproduces OpenFlamingo's loop over classes).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import torch
+
+
+def class_token_ids(tokenizer, class_names) -> list[list[int]]:
+    """Each class name tokenized on its own, without special tokens (OpenFlamingo's convention)."""
+    ids = tokenizer(list(class_names), add_special_tokens=False)["input_ids"]
+    empty = [name for name, tokens in zip(class_names, ids) if not tokens]
+    if empty:
+        raise ValueError(f"Class names {empty[:5]} tokenize to nothing; every class needs at least one token.")
+    return ids
+
+
+def _takes_position_ids(lang_model) -> bool:
+    return "position_ids" in inspect.signature(lang_model.forward).parameters
+
+
+def _positions(attention_mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    # Left padding must not shift the positions of real tokens, or a batched prompt would differ from a lone one.
+    positions = attention_mask.long().cumsum(-1) - 1
+    if start is not None:
+        positions = positions + start[:, None]
+    return positions.clamp(min=0)
+
+
+@torch.no_grad()
+def class_log_probs(
+    model, tokenizer, *, prompts: list[str], media: torch.Tensor, class_names, class_batch_size: int = 8
+) -> torch.Tensor:
+    """(B, C) mean per-token log-probability of each class name after each prompt.
+
+    prompts: B strings ending where the class name goes; media: (B, T_img, n, d) pre-encoded images.
+    """
+    device = model.device
+    encoded = tokenizer(prompts, padding="longest", padding_side="left", return_tensors="pt")
+    input_ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+    batch = input_ids.shape[0]
+    extra = {"position_ids": _positions(mask)} if _takes_position_ids(model.lang_model) else {}
+    prefix = model(input_ids, attention_mask=mask, media=media, use_cache=True, **extra)
+    first_log_probs = prefix.logits[:, -1].float().log_softmax(-1)  # (B, V): predicts each class's first token
+    prefix_length = mask.sum(-1)  # (B,)
+
+    tokens = class_token_ids(tokenizer, class_names)
+    scores = torch.empty(batch, len(tokens))
+    for start in range(0, len(tokens), class_batch_size):
+        chunk = tokens[start : start + class_batch_size]
+        c, longest = len(chunk), max(len(t) for t in chunk)
+        class_ids = torch.full((c, longest), tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
+        class_mask = torch.zeros(c, longest, dtype=torch.long, device=device)
+        for j, t in enumerate(chunk):
+            class_ids[j, : len(t)] = torch.tensor(t)
+            class_mask[j, : len(t)] = 1
+        # Row b * c + j is (sample b, class j): the cache, media and counts are repeated sample-major to match.
+        cache = copy.deepcopy(prefix.past_key_values)
+        cache.batch_repeat_interleave(c)
+        rows_ids, rows_class_mask = class_ids.repeat(batch, 1), class_mask.repeat(batch, 1)  # (B c, Lc)
+        attention = torch.cat([mask.repeat_interleave(c, 0), rows_class_mask], dim=1)
+        if extra:
+            extra = {"position_ids": _positions(rows_class_mask, prefix_length.repeat_interleave(c))}
+        out = model(
+            rows_ids,
+            attention_mask=attention,
+            media=media.repeat_interleave(c, 0),
+            past_key_values=cache,
+            images_before=prefix.images_seen.repeat_interleave(c),
+            use_cache=True,
+            **extra,
+        )
+        # Token t of a class is predicted by the prefix's last position (t = 0) or by class position t - 1.
+        later = out.logits[:, :-1].float().log_softmax(-1)  # (B c, Lc - 1, V)
+        first = first_log_probs.repeat_interleave(c, 0).gather(1, rows_ids[:, :1])  # (B c, 1)
+        rest = later.gather(2, rows_ids[:, 1:, None]).squeeze(-1)  # (B c, Lc - 1)
+        per_token = torch.cat([first, rest], dim=1) * rows_class_mask
+        mean = per_token.sum(1) / rows_class_mask.sum(1)
+        scores[:, start : start + c] = mean.view(batch, c).cpu()
+    return scores
+
+
+@torch.no_grad()
+def class_log_probs_reference(model, processor, *, prompts: list[str], images: list[list], class_names) -> torch.Tensor:
+    """The plain computation of :func:`class_log_probs`: one full, unpadded forward per (sample, class)."""
+    tokens = class_token_ids(processor.tokenizer, class_names)
+    scores = torch.empty(len(prompts), len(tokens))
+    for b, (prompt, sample_images) in enumerate(zip(prompts, images)):
+        batch = processor(text=prompt, images=sample_images)
+        for j, t in enumerate(tokens):
+            ids = torch.cat([batch["input_ids"], torch.tensor([t])], dim=1).to(model.device)
+            logits = model(ids, pixel_values=batch["pixel_values"].to(model.device)).logits[0].float()
+            log_probs = logits[-len(t) - 1 : -1].log_softmax(-1)  # (len(t), V)
+            scores[b, j] = log_probs.gather(1, torch.tensor(t, device=model.device)[:, None]).mean().cpu()
+    return scores

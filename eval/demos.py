@@ -1,0 +1,151 @@
+"""Choosing the in-context demos of each query: random from a fixed pool, or RICES (nearest CLIP image neighbours).
+
+Both samplers are pure functions of ``(seed, query index)``: a query gets the same demos whichever process, batch or
+resumed run evaluates it, which is what makes multi-process and resumed runs equal to a plain one.
+
+RICES (Yang et al. 2022, used by OpenFlamingo): cosine similarity of CLIP image embeddings; the k most similar
+support examples are the demos, the most similar placed last, nearest the query. Embeddings come from the
+Flamingo model's own open_clip tower (its pooled, projected output) or from a separate open_clip model, and are
+cached on disk in a safetensors file keyed by the example ids and the encoder's identity.
+
+Example::
+
+    sampler = RandomDemos(task_data.support, query_set_size=2048, seed=42)
+    demos = sampler.select(query_index=7, query=task_data.query[7], k=4)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from flamingo.io import atomic_save_safetensors
+from flamingo.processing import load_image
+
+
+class RandomDemos:
+    """k demos drawn without replacement from a pool of ``query_set_size`` support examples fixed by ``seed``."""
+
+    def __init__(self, support: Sequence, *, query_set_size: int, seed: int):
+        if not support:
+            raise ValueError("The support (train) split is empty: there is nothing to draw demos from.")
+        size = min(query_set_size, len(support))
+        pool = np.random.default_rng(seed).choice(len(support), size=size, replace=False)
+        self.pool = [support[i] for i in pool]
+        self.seed = seed
+
+    def select(self, *, query_index: int, query, k: int) -> list:
+        if k > len(self.pool):
+            raise ValueError(f"Asked for {k} demos but the demo pool has only {len(self.pool)} examples.")
+        # One generator per (seed, query): independent of batching, process split and resumption.
+        rng = np.random.default_rng([self.seed, query_index])
+        return [self.pool[i] for i in rng.choice(len(self.pool), size=k, replace=False)]
+
+
+class RicesDemos:
+    """The k support examples most similar to the query image, least similar first.
+
+    support_features: (N_support, D) and query_features: (N_query, D), L2-normalised, rows in example order.
+    """
+
+    def __init__(self, support: Sequence, support_features: torch.Tensor, query_features: torch.Tensor):
+        if support_features.shape[0] != len(support):
+            raise ValueError(f"Got {support_features.shape[0]} support features for {len(support)} support examples.")
+        self.support = list(support)
+        self.support_features = support_features.float()
+        self.query_features = query_features.float()
+
+    def select(self, *, query_index: int, query, k: int) -> list:
+        if k > len(self.support):
+            raise ValueError(f"Asked for {k} demos but the support split has only {len(self.support)} examples.")
+        similarity = self.support_features @ self.query_features[query_index]  # (N_support,)
+        nearest = similarity.topk(k).indices.tolist()  # most similar first
+        return [self.support[i] for i in reversed(nearest)]
+
+
+class ImageEmbedder:
+    """CLIP image embeddings for RICES: a callable (N, C, H, W) -> (N, D), its transform, and an identity string.
+
+    Build with :meth:`from_flamingo` (the model's own tower; no extra weights) or :meth:`from_open_clip`.
+    """
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], transform, identity: str, device):
+        self.encode, self.transform, self.identity, self.device = encode, transform, identity, device
+
+    @classmethod
+    def from_flamingo(cls, model, processor) -> ImageEmbedder:
+        visual = model.vision_encoder.visual  # open_clip VisionTransformer with output_tokens=True
+        dtype = next(visual.parameters()).dtype
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            pooled, _tokens = visual(images.to(model.device, dtype))
+            return pooled
+
+        cfg = model.config
+        return cls(
+            encode, processor.image_transform, _identity(cfg.vision_model, cfg.vision_pretrained, visual), model.device
+        )
+
+    @classmethod
+    def from_open_clip(cls, name: str, pretrained: str | None, device) -> ImageEmbedder:
+        import open_clip
+
+        clip, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        clip.eval()
+        return cls(
+            lambda x: clip.encode_image(x.to(device)), transform, _identity(name, pretrained, clip.visual), device
+        )
+
+    @torch.no_grad()
+    def embed(self, paths: Sequence[Path], *, batch_size: int = 64, desc: str = "RICES features") -> torch.Tensor:
+        """(N, D) L2-normalised float32 embeddings of the image files, on the CPU."""
+        chunks = []
+        for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
+            images = torch.stack([self.transform(load_image(p)) for p in paths[start : start + batch_size]])
+            features = self.encode(images).float()
+            chunks.append(torch.nn.functional.normalize(features, dim=-1).cpu())
+        return torch.cat(chunks) if chunks else torch.zeros(0, 0)
+
+
+def _identity(name: str | None, pretrained: str | None, visual: torch.nn.Module) -> str:
+    # The name and tag alone could hide a retrained tower saved to the same path; a few weights pin it down cheaply.
+    params = list(visual.parameters())
+    digest = hashlib.sha256()
+    for p in (params[0], params[-1]):
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return f"{name}|{pretrained}|{digest.hexdigest()[:16]}"
+
+
+def cached_features(
+    examples: Sequence,
+    embedder: ImageEmbedder,
+    *,
+    cache_dir: Path | None,
+    batch_size: int = 64,
+    desc: str = "RICES features",
+) -> torch.Tensor:
+    """Embeddings of ``examples``' images, (N, D), read from / written to ``cache_dir`` when given.
+
+    The file name hashes the example ids, image paths and the embedder identity, so a different split, subset or
+    encoder never reads stale features.
+    """
+    key_source = json.dumps([embedder.identity, [str(e.id) for e in examples], [str(e.image) for e in examples]])
+    key = hashlib.sha256(key_source.encode()).hexdigest()[:24]
+    path = None if cache_dir is None else Path(cache_dir) / f"rices-{key}.safetensors"
+    if path is not None and path.is_file():
+        features = load_file(path)["features"]
+        if features.shape[0] == len(examples):
+            return features
+    features = embedder.embed([e.image for e in examples], batch_size=batch_size, desc=desc)
+    if path is not None:
+        atomic_save_safetensors(
+            path, {"features": features}, metadata={"identity": embedder.identity, "count": str(len(examples))}
+        )
+    return features

@@ -1,0 +1,95 @@
+"""Run bookkeeping: resumable per-trial progress logs, the results JSON, and the markdown summary table.
+
+Progress: every finished batch is appended as one JSON line ``{"batch": i, "records": [...]}`` to
+``<output>.progress/<task>-<shots>shot-seed<seed>-<settings hash>.rank<r>.jsonl`` and flushed + fsynced, so a run
+killed at any point loses at most the batch in flight. A rerun with the same output and settings reads every rank's
+log (any earlier world size) and skips the batches found there. The hash covers everything that changes a batch
+(model, data files, batch size, prompts, decoding), so changed settings never reuse stale lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from pathlib import Path
+
+from flamingo.io import atomic_write_text
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class ProgressLog:
+    """Append-only JSONL of finished batches for one (task, shots, seed) trial, written by one process (rank)."""
+
+    def __init__(self, directory: Path, *, name: str, rank: int):
+        self.directory = Path(directory)
+        self.name = name
+        self.path = self.directory / f"{name}.rank{rank}.jsonl"
+
+    def load(self) -> dict[int, list[dict]]:
+        """Finished batches of this trial from every rank's log: ``{batch index: records}``."""
+        done: dict[int, list[dict]] = {}
+        for path in sorted(self.directory.glob(f"{self.name}.rank*.jsonl")):
+            lines = path.read_text().splitlines()
+            for number, line in enumerate(lines, 1):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as error:
+                    if number == len(lines):
+                        break  # a line cut short by a kill mid-write: that batch simply runs again
+                    raise ValueError(
+                        f"{path}, line {number}: corrupt progress line ({error}); delete the file to redo it."
+                    )
+                done[int(entry["batch"])] = entry["records"]
+        return done
+
+    def append(self, batch: int, records: list[dict]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"batch": batch, "records": records}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def summarize(trials: list[dict]) -> list[dict]:
+    """Mean and (population, as OpenFlamingo's np.nanstd) std over trials, per (task, shots, metric)."""
+    groups: dict[tuple, list[float]] = {}
+    for t in trials:
+        if t["value"] is not None:
+            groups.setdefault((t["task"], t["shots"], t["metric"]), []).append(t["value"])
+    return [
+        {
+            "task": task,
+            "shots": shots,
+            "metric": metric,
+            "mean": statistics.fmean(values),
+            "std": statistics.pstdev(values),
+            "trials": len(values),
+        }
+        for (task, shots, metric), values in groups.items()
+    ]
+
+
+def markdown_table(summary: list[dict]) -> str:
+    """Rows: task (metric); columns: shots; cells: mean ± std."""
+    if not summary:
+        return "(no scored results)"
+    shots = sorted({s["shots"] for s in summary})
+    rows = {}
+    for s in summary:
+        rows.setdefault(f"{s['task']} ({s['metric']})", {})[s["shots"]] = f"{s['mean']:.2f} ± {s['std']:.2f}"
+    lines = ["| task | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
+    for name, cells in rows.items():
+        lines.append(f"| {name} | " + " | ".join(cells.get(k, "") for k in shots) + " |")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, *, config: dict, trials: list[dict]) -> dict:
+    """Write the results JSON atomically: the run config, one entry per trial, and the per-setting summary."""
+    results = {"config": config, "trials": trials, "summary": summarize(trials)}
+    atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
+    return results

@@ -1,0 +1,327 @@
+"""The few-shot evaluation loop: for each task, seed and shot count, build prompts, run the model, score, save.
+
+Run it through the CLI (``flamingo-eval run ...``, see ``flamingo_eval.cli``) or from Python::
+
+    config = EvalConfig(model=Path("my-flamingo"), tasks=["coco"], shots=[0, 4], seeds=[42], data_dir=Path("data"))
+    results = Evaluator(config).run()           # also writes config.output (results JSON)
+
+Per trial (task, shots, seed): the queries (all, or ``num_samples`` drawn with the seed) are cut into batches of
+``batch_size``; process r of W evaluates batches r, r+W, ... (the batches themselves never depend on W, so a
+2-process run computes exactly what a 1-process run does), logs each finished batch for resumption
+(``flamingo_eval.results``), and the main process gathers the records, scores and writes. Demo images are encoded
+once per run (:class:`MediaCache`); classification reuses one KV-cached prompt for all class names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from flamingo import Flamingo, FlamingoProcessor
+
+from .classification import class_log_probs
+from .data import load_task_data
+from .demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
+from .generation import generate_answers
+from .results import ProgressLog, settings_hash, write_results
+from .score import prediction_record, score_records, write_predictions
+from .tasks import TaskSpec, get_task_spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EvalConfig:
+    """Everything one evaluation run needs; the CLI fills it from its flags."""
+
+    model: Path
+    tasks: list[str]
+    shots: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    data_dir: Path | None = None
+    paths: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> {layout key: file} overrides
+    custom_kind: str | None = None
+    rices: bool = False
+    rices_vision_model: str | None = None  # None: the model's own vision tower
+    rices_vision_pretrained: str | None = None
+    rices_cache_dir: Path | None = None  # None: <output>.rices/
+    query_set_size: int = 2048
+    num_samples: int | None = None  # None: every query
+    batch_size: int = 8
+    class_batch_size: int = 8
+    output: Path = Path("results.json")
+    predictions_dir: Path | None = None
+    num_beams: int | None = None  # None: the task's default (3)
+    max_new_tokens: int | None = None  # None: the task's default
+    dtype: str = "float32"
+    media_cache: bool = True  # encode each distinct image once per run (False re-encodes every batch)
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("No tasks given.")
+        if any(k < 0 for k in self.shots):
+            raise ValueError(f"shots must be >= 0; got {self.shots}.")
+        if self.batch_size < 1 or self.class_batch_size < 1:
+            raise ValueError("batch_size and class_batch_size must be >= 1.")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1; got {self.num_samples}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}.")
+
+
+class MediaCache:
+    """Perceiver latents per image file, so a demo image shared by many queries is encoded once.
+
+    ``media(image_lists)`` -> (B, T_max, n, d), zero-padded past each sample's own images (never attended).
+    """
+
+    def __init__(self, model, processor, *, enabled: bool = True, max_items: int = 100_000, chunk: int = 64):
+        self.model, self.processor, self.enabled = model, processor, enabled
+        self.max_items, self.chunk = max_items, chunk
+        self._latents: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoded = 0  # images run through the vision tower + perceiver, for tests and benchmarks
+
+    @torch.no_grad()
+    def _encode(self, paths: list) -> list[torch.Tensor]:
+        out = []
+        for start in range(0, len(paths), self.chunk):
+            part = paths[start : start + self.chunk]
+            pixels = self.processor.preprocess_images([[p] for p in part]).to(self.model.device, self.model.dtype)
+            out.extend(self.model.encode_media(pixels)[:, 0])  # (n, d) each
+            self.encoded += len(part)
+        return out
+
+    def media(self, image_lists: list[list]) -> torch.Tensor:
+        if self.enabled:
+            missing = list(
+                dict.fromkeys(str(p) for images in image_lists for p in images if str(p) not in self._latents)
+            )
+            for key, latents in zip(missing, self._encode(missing)):
+                self._latents[key] = latents
+            while len(self._latents) > self.max_items:
+                self._latents.popitem(last=False)
+            lookup = {str(p): self._latents[str(p)] for images in image_lists for p in images}
+        else:
+            flat = [p for images in image_lists for p in images]
+            lookup = dict(zip(map(str, flat), self._encode(flat)))
+        first = next(iter(lookup.values()))
+        most = max(len(images) for images in image_lists)
+        media = first.new_zeros(len(image_lists), most, *first.shape)
+        for b, images in enumerate(image_lists):
+            for t, p in enumerate(images):
+                media[b, t] = lookup[str(p)]
+        return media
+
+
+class Evaluator:
+    """Runs :class:`EvalConfig`. ``model``/``processor`` may be passed in (tests, benchmarks) instead of loaded.
+
+    ``after_batch(task, shots, seed, batch_index)`` is called after each newly computed batch (a test hook).
+    """
+
+    def __init__(self, config: EvalConfig, *, model=None, processor=None, after_batch: Callable | None = None):
+        from accelerate import PartialState
+
+        self.config = config
+        # On a machine without an accelerator, processes started by torchrun / ``accelerate launch --multi_gpu``
+        # only join one gloo group if PartialState is told it runs on CPUs.
+        self.state = PartialState(cpu=not torch.accelerator.is_available())
+        if model is None:
+            model, processor = load_model(config.model, dtype=DTYPES[config.dtype])
+        self.model = model.to(self.state.device).eval()
+        self.processor = processor
+        self.media_cache = MediaCache(self.model, processor, enabled=config.media_cache)
+        self.after_batch = after_batch
+        self.batches_computed = 0
+        self.progress_dir = Path(str(config.output) + ".progress")
+        self._embedder = None
+
+    # ------------------------------------------------------------------------------------------------ driver
+    def run(self) -> dict | None:
+        """Evaluate every (task, shots, seed); the main process writes and returns the results, others None."""
+        cfg = self.config
+        trials: list[dict] = []
+        run_config = {**dataclasses.asdict(cfg), "model_config": _model_identity(self.model)}
+        for task in cfg.tasks:
+            data = load_task_data(task, data_dir=cfg.data_dir, paths=cfg.paths.get(task), custom_kind=cfg.custom_kind)
+            spec = get_task_spec(task, custom_kind=cfg.custom_kind, class_names=data.class_names)
+            overrides = {k: v for k, v in (("num_beams", cfg.num_beams), ("max_new_tokens", cfg.max_new_tokens)) if v}
+            spec = dataclasses.replace(spec, **overrides)
+            support_features = self._features(data.support, f"{task} support") if cfg.rices else None
+            for seed in cfg.seeds:
+                query_positions = self._query_positions(len(data.query), seed)
+                queries = [data.query[i] for i in query_positions]
+                if cfg.rices:
+                    sampler = RicesDemos(data.support, support_features, self._features(queries, f"{task} queries"))
+                else:
+                    sampler = RandomDemos(data.support, query_set_size=cfg.query_set_size, seed=seed)
+                for shots in cfg.shots:
+                    settings = self._settings(task, data, spec, shots=shots, seed=seed, num_queries=len(queries))
+                    trial = self._run_trial(task, spec, queries, sampler, shots=shots, seed=seed, settings=settings)
+                    if trial is not None:
+                        trials.append({**trial, "trial": cfg.seeds.index(seed)})
+                        write_results(cfg.output, config=run_config, trials=trials)
+        self.state.wait_for_everyone()
+        if not self.state.is_main_process:
+            return None
+        return write_results(cfg.output, config=run_config, trials=trials)
+
+    def _settings(self, task, data, spec: TaskSpec, *, shots: int, seed: int, num_queries: int) -> dict:
+        """Everything that changes a trial's batches; its hash names the progress log, so a rerun with other
+        settings (or a retrained checkpoint in the same directory) never resumes from stale lines."""
+        cfg = self.config
+        weights = Path(cfg.model) / "model.safetensors" if cfg.model else None
+        stamp = [weights.stat().st_size, weights.stat().st_mtime_ns] if weights and weights.is_file() else None
+        return {
+            "model": [str(Path(cfg.model).resolve()) if cfg.model else None, stamp, _model_identity(self.model)],
+            "task": task,
+            "files": {k: str(v) for k, v in data.files.items()},
+            "spec": dataclasses.asdict(spec),
+            "shots": shots,
+            "seed": seed,
+            "queries": [num_queries, cfg.num_samples, cfg.query_set_size],
+            "rices": [cfg.rices, cfg.rices_vision_model, cfg.rices_vision_pretrained],
+            "batching": [cfg.batch_size, cfg.class_batch_size, cfg.dtype],
+        }
+
+    def _query_positions(self, count: int, seed: int) -> list[int]:
+        n = self.config.num_samples
+        if n is None or n >= count:
+            return list(range(count))
+        # OpenFlamingo evaluates a seeded random subset when --num_samples is given.
+        return sorted(np.random.default_rng(seed).choice(count, size=n, replace=False).tolist())
+
+    def _features(self, examples, desc: str) -> torch.Tensor:
+        cfg = self.config
+        if self._embedder is None:
+            if cfg.rices_vision_model:
+                self._embedder = ImageEmbedder.from_open_clip(
+                    cfg.rices_vision_model, cfg.rices_vision_pretrained, self.state.device
+                )
+            else:
+                self._embedder = ImageEmbedder.from_flamingo(self.model, self.processor)
+        cache_dir = cfg.rices_cache_dir or Path(str(cfg.output) + ".rices")
+        # The main process computes and caches the features; the others then read its file.
+        with self.state.main_process_first():
+            return cached_features(
+                examples, self._embedder, cache_dir=cache_dir, batch_size=cfg.batch_size * 8, desc=desc
+            )
+
+    # ------------------------------------------------------------------------------------------------ one trial
+    def _run_trial(
+        self, task, spec: TaskSpec, queries, sampler, *, shots: int, seed: int, settings: dict
+    ) -> dict | None:
+        from accelerate.utils import gather_object
+
+        cfg, state = self.config, self.state
+        size = cfg.batch_size
+        num_batches = -(-len(queries) // size)
+        log = ProgressLog(
+            self.progress_dir, name=f"{task}-{shots}shot-seed{seed}-{settings_hash(settings)}", rank=state.process_index
+        )
+        done = log.load()
+        records: list[dict] = []
+        mine = range(state.process_index, num_batches, state.num_processes)
+        desc = f"{task} {shots}-shot seed {seed}"
+        for batch in tqdm(mine, desc=desc, unit="batch", disable=not state.is_local_main_process):
+            if batch in done:
+                records.extend(done[batch])
+                continue
+            positions = range(batch * size, min((batch + 1) * size, len(queries)))
+            batch_records = self._run_batch(spec, queries, positions, sampler, shots=shots)
+            log.append(batch, batch_records)
+            records.extend(batch_records)
+            self.batches_computed += 1
+            if self.after_batch is not None:
+                self.after_batch(task, shots, seed, batch)
+        if state.num_processes > 1:
+            records = gather_object(records)
+        if not state.is_main_process:
+            return None
+        by_index = {r["index"]: r for r in records}
+        if len(records) != len(queries) or sorted(by_index) != list(range(len(queries))):  # no drops, no duplicates
+            raise RuntimeError(f"{desc}: gathered {len(records)} records for {len(by_index)} of {len(queries)} queries.")
+        ordered = [by_index[i] for i in range(len(queries))]
+        predictions = prediction_records(task, queries, ordered)
+        value = None
+        if spec.kind == "classification" or all(q.answers for q in queries):  # no answers: e.g. a test-dev export
+            (value,) = score_records(task, predictions, queries, stem=spec.stem).values()
+        predictions_file = None
+        if cfg.predictions_dir is not None:
+            name = f"{task}-{shots}shot-seed{seed}{'-rices' if cfg.rices else ''}.json"
+            predictions_file = write_predictions(task, predictions, Path(cfg.predictions_dir) / name)
+        return {
+            "task": task,
+            "shots": shots,
+            "seed": seed,
+            "metric": spec.metric,
+            "value": value,
+            "num_queries": len(queries),
+            "rices": cfg.rices,
+            "predictions": None if predictions_file is None else str(predictions_file),
+        }
+
+    def _run_batch(self, spec: TaskSpec, queries, positions, sampler, *, shots: int) -> list[dict]:
+        zero_shot = shots == 0
+        k = shots if shots else spec.zero_shot_text_demos
+        prompts, image_lists = [], []
+        for p in positions:
+            query = queries[p]
+            demos = sampler.select(query_index=p, query=query, k=k)
+            prompts.append(spec.prompt(demos, query, zero_shot=zero_shot))
+            image_lists.append(([] if zero_shot else [d.image for d in demos]) + [query.image])
+        media = self.media_cache.media(image_lists)
+        tokenizer = self.processor.tokenizer
+        if spec.kind == "classification":
+            scores = class_log_probs(
+                self.model,
+                tokenizer,
+                prompts=prompts,
+                media=media,
+                class_names=spec.class_names,
+                class_batch_size=self.config.class_batch_size,
+            )
+            probs = scores.softmax(-1)  # over the class names, as OpenFlamingo's score for HatefulMemes
+            out = [
+                {"prediction": int(row.argmax()), "probability": float(prob.max())} for row, prob in zip(scores, probs)
+            ]
+            if spec.name == "hateful_memes":
+                for o, prob in zip(out, probs):
+                    o["score"] = float(prob[spec.class_names.index("yes")])
+        else:
+            out = generate_answers(self.model, tokenizer, prompts=prompts, media=media, spec=spec)
+        return [{"index": p, "id": queries[p].id, **o} for p, o in zip(positions, out)]
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def load_model(directory: Path, *, dtype=torch.float32):
+    """A saved Flamingo model and its processor; ValueError naming the directory if it is not one."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"--model {directory}: directory not found.")
+    model = Flamingo.from_pretrained(directory, dtype=dtype)
+    return model.eval(), FlamingoProcessor.from_pretrained(directory)
+
+
+def _model_identity(model) -> dict:
+    cfg = model.config
+    return {
+        "vision_model": cfg.vision_model,
+        "vision_pretrained": cfg.vision_pretrained,
+        "lang_model": cfg.lang_model,
+        "cross_attn_every_n_layers": cfg.cross_attn_every_n_layers,
+    }
+
+
+def prediction_records(task: str, queries, records: list[dict]) -> list[dict]:
+    """Per-query records -> the task's official results format (``flamingo_eval.score.prediction_record``)."""
+    # HatefulMemes is scored by P("yes"); every other task by its predicted text or class.
+    outputs = [r["score"] if task == "hateful_memes" else r["prediction"] for r in records]
+    return [prediction_record(task, q, o) for q, o in zip(queries, outputs)]

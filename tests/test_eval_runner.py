@@ -1,0 +1,494 @@
+"""The few-shot evaluation runner and the ``flamingo-eval`` CLI, end to end on a tiny model and fixture data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from eval_helpers import TASKS_WITH_FILES, read_predictions, save_tiny_eval_model, trial_values
+from models import build_tiny_model
+
+from flamingo.testing import random_images
+from flamingo_eval.classification import class_log_probs, class_log_probs_reference
+from flamingo_eval.cli import main
+from flamingo_eval.data import Example, default_layout, load_task_data
+from flamingo_eval.demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
+from flamingo_eval.results import summarize
+from flamingo_eval.runner import EvalConfig, Evaluator, MediaCache, load_model
+from flamingo_eval.score import score_files
+from flamingo_eval.tasks import TASK_SPECS, get_task_spec
+from flamingo_eval.testing import write_fixture_data
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_vision, tiny_llama_dir, tmp_path_factory):
+    return save_tiny_eval_model(tiny_vision, tiny_llama_dir, tmp_path_factory.mktemp("eval_model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_fixture_data(tmp_path_factory.mktemp("eval_data"), num_support=6, num_query=5)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load_model(model_dir)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def _of_vqa(question, answer=None):  # OpenFlamingo's get_vqa_prompt, written out
+    end = "<|endofchunk|>" if answer is not None else ""
+    return f"<image>Question:{question} Short answer:{answer if answer is not None else ''}{end}"
+
+
+def _of_caption(caption=None):
+    return f"<image>Output:{caption if caption is not None else ''}{'<|endofchunk|>' if caption is not None else ''}"
+
+
+def _of_hateful(text, label=None):
+    return (
+        f"<image>is an image with: '{text}' written on it. Is it hateful? Answer:{label if label is not None else ''}"
+        f"{'<|endofchunk|>' if label is not None else ''}"
+    )
+
+
+def test_prompts_are_openflamingos_with_newline_after_generation_demos_only():
+    image = Path("x.jpg")
+    d1, d2 = (
+        Example(id=1, image=image, question="What?", answers=("red", "blue")),
+        Example(id=2, image=image, question="Who?", answers=("me",)),
+    )
+    query = Example(id=3, image=image, question="Why?")
+    assert get_task_spec("vqav2").prompt([d1, d2], query, zero_shot=False) == (
+        _of_vqa("What?", "red") + "\n" + _of_vqa("Who?", "me") + "\n" + _of_vqa("Why?")
+    )
+    c1 = Example(id=1, image=image, answers=(" A dog. ", "x"))
+    assert get_task_spec("coco").prompt([c1], query, zero_shot=False) == _of_caption("A dog.") + "\n" + _of_caption()
+    h1, hq = Example(id=1, image=image, text="hi", label=1), Example(id=2, image=image, text="yo", label=0)
+    assert get_task_spec("hateful_memes").prompt([h1], hq, zero_shot=False) == _of_hateful("hi", "yes") + _of_hateful(
+        "yo"
+    )
+    imagenet = get_task_spec("imagenet", class_names=["tench", "goldfish"])
+    i1, i2 = Example(id="a", image=image, label=1), Example(id="b", image=image, label=0)
+    assert (
+        imagenet.prompt([i1, i2], i1, zero_shot=False) == _of_caption("goldfish") + _of_caption("tench") + _of_caption()
+    )
+    assert get_task_spec("textvqa").max_new_tokens == 10 and get_task_spec("vqav2").max_new_tokens == 5
+    assert get_task_spec("coco").max_new_tokens == 20 and all(
+        s.num_beams == 3 and s.length_penalty == 0 for s in TASK_SPECS.values()
+    )
+
+
+def test_zero_shot_prompt_has_text_only_demos_and_only_the_query_image():
+    image = Path("x.jpg")
+    demos = [Example(id=i, image=image, question="Q?", answers=("a",)) for i in range(2)]
+    prompt = get_task_spec("okvqa").prompt(demos, Example(id=9, image=image, question="Z?"), zero_shot=True)
+    assert prompt.count("<image>") == 1 and prompt.endswith(_of_vqa("Z?"))
+    assert prompt.count("<|endofchunk|>") == 2
+
+
+def test_postprocess_cuts_at_the_next_template_word_then_at_the_first_comma():
+    vqa, coco = get_task_spec("vqav2"), get_task_spec("coco")
+    assert vqa.postprocess(" red, blue Question: what") == "red"
+    assert vqa.postprocess(" two Short answer: three") == "two"
+    assert coco.postprocess(' a "big" dog, brown\nOutput: a cat') == "a big dog, brown"
+
+
+def test_custom_task_needs_a_kind_and_takes_the_matching_spec():
+    with pytest.raises(ValueError, match="custom_kind"):
+        get_task_spec("custom")
+    assert get_task_spec("custom", custom_kind="vqa").template == TASK_SPECS["vqav2"].template
+    assert get_task_spec("custom", custom_kind="caption").template == TASK_SPECS["coco"].template
+
+
+# ------------------------------------------------------------------------------------------------ demos
+def test_random_demos_depend_only_on_seed_and_query_and_come_from_the_pool():
+    support = [Example(id=i, image=Path(f"{i}.jpg")) for i in range(50)]
+    a, b = RandomDemos(support, query_set_size=20, seed=1), RandomDemos(support, query_set_size=20, seed=1)
+    picks = [[d.id for d in a.select(query_index=q, query=None, k=4)] for q in range(10)]
+    # Asked in another order (another batching or process split): the same demos per query.
+    assert [[d.id for d in b.select(query_index=q, query=None, k=4)] for q in reversed(range(10))] == picks[::-1]
+    pool = {d.id for d in a.pool}
+    assert len(pool) == 20 and all(len(set(p)) == 4 and set(p) <= pool for p in picks)
+    other = RandomDemos(support, query_set_size=20, seed=2)
+    assert [[d.id for d in other.select(query_index=q, query=None, k=4)] for q in range(10)] != picks
+
+
+def test_rices_picks_the_k_most_similar_with_the_most_similar_last():
+    torch.manual_seed(0)
+    support = [Example(id=i, image=Path(f"{i}.jpg")) for i in range(12)]
+    features = torch.nn.functional.normalize(torch.randn(12, 8), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    rices = RicesDemos(support, features, queries)
+    for q in range(3):
+        order = sorted(range(12), key=lambda i: float(features[i] @ queries[q]))  # least similar first
+        assert [d.id for d in rices.select(query_index=q, query=None, k=3)] == order[-3:]
+
+
+def test_rices_features_are_cached_on_disk_keyed_by_examples_and_encoder(loaded, data_dir, tmp_path):
+    model, processor = loaded
+    support = load_task_data("coco", data_dir=data_dir).support
+    embedder = ImageEmbedder.from_flamingo(model, processor)
+    calls = []
+    embed = embedder.embed
+    embedder.embed = lambda paths, **kw: calls.append(len(paths)) or embed(paths, **kw)
+    first = cached_features(support, embedder, cache_dir=tmp_path)
+    again = cached_features(support, embedder, cache_dir=tmp_path)
+    assert calls == [len(support)] and torch.equal(first, again)
+    assert torch.allclose(first.norm(dim=-1), torch.ones(len(support)))
+    cached_features(support[:-1], embedder, cache_dir=tmp_path)  # another subset: its own file
+    assert calls == [len(support), len(support) - 1] and len(list(tmp_path.glob("rices-*.safetensors"))) == 2
+
+
+# ------------------------------------------------------------------------------------------------ model paths
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefix_cached_class_scores_equal_a_full_forward_per_class(tiny_vision, tiny_lm_dir, family):
+    model, processor = build_tiny_model(tiny_vision, tiny_lm_dir(family))
+    a, b, c = random_images(3, seed=3)
+    prompts = ["<image>Output:tench<|endofchunk|><image>Output:", "<image>Output:"]  # unequal lengths: left padding
+    images = [[a, b], [c]]
+    media = model.encode_media(processor.preprocess_images(images))
+    names = ["tench", "goldfish", "great white shark", "a b c"]  # multi-token names of different lengths
+    cached = class_log_probs(
+        model, processor.tokenizer, prompts=prompts, media=media, class_names=names, class_batch_size=3
+    )
+    plain = class_log_probs_reference(model, processor, prompts=prompts, images=images, class_names=names)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    # The class tokens really see the query image: another image changes the scores.
+    other = model.encode_media(processor.preprocess_images([[a, c], [b]]))
+    changed = class_log_probs(model, processor.tokenizer, prompts=prompts, media=other, class_names=names)
+    assert not torch.allclose(changed, cached)
+
+
+def test_media_cache_encodes_each_distinct_image_once_and_equals_fresh_encoding(loaded, data_dir):
+    model, processor = loaded
+    paths = [e.image for e in load_task_data("coco", data_dir=data_dir).support]
+    lists = [[paths[0], paths[1], paths[2]], [paths[1], paths[3]], [paths[0], paths[2], paths[3]]]
+    cache, fresh = MediaCache(model, processor), MediaCache(model, processor, enabled=False)
+    first, second = cache.media(lists), cache.media(lists[::-1])
+    assert cache.encoded == 4  # four distinct files over both calls
+    torch.testing.assert_close(first, fresh.media(lists), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, first[[2, 1, 0]])
+    assert torch.count_nonzero(first[1, 2]) == 0  # the second sample's third slot is padding
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _annotations(task: str, data_dir: Path) -> tuple[Path, Path | None]:
+    """The official annotation (and questions) files that score_files reads for ``task``'s query split."""
+    layout = default_layout(task, data_dir)
+    if task in ("vqav2", "okvqa"):
+        return layout["test_annotations"], layout["test_questions"]
+    key = {
+        "coco": "karpathy_json",
+        "flickr30k": "karpathy_json",
+        "textvqa": "test_json",
+        "vizwiz": "test_json",
+        "hateful_memes": "test_jsonl",
+    }[task]
+    return layout[key], None
+
+
+@pytest.mark.parametrize("rices", [False, True], ids=["random", "rices"])
+def test_every_task_runs_end_to_end_at_0_and_2_shots(model_dir, data_dir, tmp_path, capsys, rices):
+    out, preds = tmp_path / "results.json", tmp_path / "preds"
+    common = [
+        "--model",
+        str(model_dir),
+        "--shots",
+        "0",
+        "2",
+        "--data-dir",
+        str(data_dir),
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "4",
+    ] + (["--rices"] if rices else [])
+    assert (
+        main(["run", "--tasks", *TASKS_WITH_FILES, *common, "--output", str(out), "--predictions-dir", str(preds)]) == 0
+    )
+    table = capsys.readouterr().out
+    values = trial_values(out)
+    assert set(values) == {(t, k, 42, rices) for t in TASKS_WITH_FILES for k in (0, 2)}
+    assert all(v is not None and 0 <= v <= 100 for v in values.values())
+    assert all(f"| {t} (" in table for t in TASKS_WITH_FILES)
+    suffix = "-rices" if rices else ""
+    for task in TASKS_WITH_FILES:
+        records = json.loads((preds / f"{task}-2shot-seed42{suffix}.json").read_text())
+        assert len(records) == len(load_task_data(task, data_dir=data_dir).query)
+        if task != "imagenet":  # the official-format file scores to the value the runner reported
+            annotations, questions = _annotations(task, data_dir)
+            (score,) = score_files(task, preds / f"{task}-2shot-seed42{suffix}.json", annotations, questions).values()
+            assert score == pytest.approx(values[(task, 2, 42, rices)])
+    for kind in ("caption", "vqa"):
+        custom_out = tmp_path / f"custom-{kind}.json"
+        assert main(["run", "--tasks", "custom", "--custom-kind", kind, *common, "--output", str(custom_out)]) == 0
+        assert set(trial_values(custom_out)) == {("custom", k, 42, rices) for k in (0, 2)}
+
+
+def test_resumed_run_skips_finished_batches_and_equals_an_uninterrupted_run(loaded, data_dir, tmp_path):
+    model, processor = loaded
+
+    def config(name):
+        return EvalConfig(
+            model=None,
+            tasks=["vqav2", "hateful_memes"],
+            shots=[2],
+            seeds=[7],
+            data_dir=data_dir,
+            batch_size=2,
+            max_new_tokens=3,
+            output=tmp_path / name / "results.json",
+            predictions_dir=tmp_path / name / "preds",
+        )
+
+    full = Evaluator(config("full"), model=model, processor=processor)
+    full.run()
+    total = full.batches_computed
+    assert total == 6  # 5 queries in batches of 2, for each of the two tasks
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(task, shots, seed, batch):
+        if stop_after_two.seen == 1:
+            raise Interrupt
+        stop_after_two.seen += 1
+
+    stop_after_two.seen = 0
+    with pytest.raises(Interrupt):
+        Evaluator(config("resumed"), model=model, processor=processor, after_batch=stop_after_two).run()
+    resumed = Evaluator(config("resumed"), model=model, processor=processor)
+    calls = []
+    generate = model.generate
+    model.generate = lambda *a, **k: calls.append(1) or generate(*a, **k)
+    try:
+        resumed.run()
+    finally:
+        del model.generate
+    assert resumed.batches_computed == total - 2 and len(calls) == 3 - 2  # vqav2's first two batches were logged
+    assert read_predictions(tmp_path / "resumed" / "preds") == read_predictions(tmp_path / "full" / "preds")
+    assert trial_values(tmp_path / "resumed" / "results.json") == trial_values(tmp_path / "full" / "results.json")
+
+
+def _subprocess_env():
+    # One thread per process: the same float reductions in the 1- and 2-process runs.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def test_two_process_run_equals_one_process_run(model_dir, data_dir, tmp_path):
+    args = [
+        "run",
+        "--model",
+        str(model_dir),
+        "--tasks",
+        "vqav2",
+        "hateful_memes",
+        "--shots",
+        "2",
+        "--rices",
+        "--data-dir",
+        str(data_dir),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "3",
+    ]
+    bin_dir = Path(sys.executable).parent
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flamingo_eval",
+            *args,
+            "--output",
+            str(tmp_path / "one.json"),
+            "--predictions-dir",
+            str(tmp_path / "one"),
+        ],
+        env=_subprocess_env(),
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    # accelerate's --cpu launcher starts a single process; --multi_gpu starts torchrun workers, which join one gloo
+    # group on a CPU-only machine.
+    two = subprocess.run(
+        [
+            str(bin_dir / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "flamingo_eval",
+            *args,
+            "--output",
+            str(tmp_path / "two.json"),
+            "--predictions-dir",
+            str(tmp_path / "two"),
+        ],
+        env=_subprocess_env(),
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-2000:]
+    progress = sorted(p.name.split(".")[-2] for p in (tmp_path / "two.json.progress").glob("*.jsonl"))
+    assert set(progress) == {"rank0", "rank1"}  # both processes really evaluated batches
+    assert read_predictions(tmp_path / "two") == read_predictions(tmp_path / "one")
+    assert trial_values(tmp_path / "two.json") == trial_values(tmp_path / "one.json")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_reports_a_missing_data_file_by_name_with_a_nonzero_exit(model_dir, data_dir, tmp_path):
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir / "coco", broken / "coco")
+    (broken / "coco" / "dataset_coco.json").unlink()
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "flamingo-eval"),
+            "run",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            "coco",
+            "--data-dir",
+            str(broken),
+            "--output",
+            str(tmp_path / "r.json"),
+        ],
+        env=_subprocess_env(),
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "dataset_coco.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_reports_a_malformed_record_by_file_and_field(model_dir, data_dir, tmp_path, capsys):
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir / "vqav2", broken / "vqav2")
+    questions = broken / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json"
+    data = json.loads(questions.read_text())
+    del data["questions"][1]["question"]
+    questions.write_text(json.dumps(data))
+    code = main(
+        [
+            "run",
+            "--model",
+            str(model_dir),
+            "--tasks",
+            "vqav2",
+            "--data-dir",
+            str(broken),
+            "--output",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    error = capsys.readouterr().err
+    assert code != 0 and str(questions) in error and "'question'" in error
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--path", "coco-karpathy_json=x"], "TASK.KEY=FILE"),
+        (["--tasks", "custom"], "--custom-kind"),
+        (["--seeds", "1", "--trials", "2"], "--trials 2"),
+    ],
+)
+def test_cli_rejects_inconsistent_flags_with_a_message(model_dir, data_dir, tmp_path, capsys, args, message):
+    base = {"--tasks": ["coco"]}
+    argv = ["run", "--model", str(model_dir), "--data-dir", str(data_dir), "--output", str(tmp_path / "r.json")]
+    argv += args + ([] if "--tasks" in args else ["--tasks", *base["--tasks"]])
+    assert main(argv) != 0 and message in capsys.readouterr().err
+
+
+def test_cli_reports_a_missing_model_directory(data_dir, tmp_path, capsys):
+    assert main(["run", "--model", str(tmp_path / "nope"), "--tasks", "coco", "--data-dir", str(data_dir)]) != 0
+    assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_score_subcommand_prints_the_score_files_result_as_json(data_dir, tmp_path, capsys):
+    query = load_task_data("vqav2", data_dir=data_dir).query
+    predictions = tmp_path / "p.json"
+    predictions.write_text(json.dumps([{"question_id": e.id, "answer": e.answers[i % 2]} for i, e in enumerate(query)]))
+    annotations, questions = _annotations("vqav2", data_dir)
+    argv = [
+        "score",
+        "--task",
+        "vqav2",
+        "--predictions",
+        str(predictions),
+        "--annotations",
+        str(annotations),
+        "--questions",
+        str(questions),
+    ]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == score_files("vqav2", predictions, annotations, questions)
+
+
+def test_summary_reports_mean_and_population_std_over_trials():
+    trials = [{"task": "coco", "shots": 4, "metric": "cider", "value": v} for v in (10.0, 20.0, 33.0)]
+    trials.append({"task": "vqav2", "shots": 0, "metric": "accuracy", "value": None})  # unscored: left out
+    (row,) = summarize(trials)
+    assert row["mean"] == statistics.fmean([10.0, 20.0, 33.0]) and row["std"] == statistics.pstdev([10.0, 20.0, 33.0])
+    assert row["trials"] == 3
+
+
+def test_a_split_without_answers_writes_predictions_and_reports_no_score(loaded, data_dir, tmp_path):
+    model, processor = loaded
+    config = EvalConfig(
+        model=None,
+        tasks=["vqav2"],
+        shots=[0],
+        data_dir=data_dir,
+        paths={"vqav2": {"test_annotations": ""}},
+        batch_size=5,
+        max_new_tokens=2,
+        output=tmp_path / "r.json",
+        predictions_dir=tmp_path / "p",
+    )
+    results = Evaluator(config, model=model, processor=processor).run()
+    (trial,) = results["trials"]
+    assert trial["value"] is None and results["summary"] == []
+    records = json.loads(Path(trial["predictions"]).read_text())  # a test-dev style export, ready for EvalAI
+    assert [r["question_id"] for r in records] == [e.id for e in load_task_data("vqav2", data_dir=data_dir).query]
+
+
+def test_num_samples_evaluates_a_seeded_subset_of_the_queries(loaded, data_dir, tmp_path):
+    model, processor = loaded
+    config = EvalConfig(
+        model=None,
+        tasks=["hateful_memes"],
+        shots=[0],
+        seeds=[0, 1],
+        data_dir=data_dir,
+        num_samples=3,
+        output=tmp_path / "r.json",
+        predictions_dir=tmp_path / "p",
+    )
+    results = Evaluator(config, model=model, processor=processor).run()
+    query = load_task_data("hateful_memes", data_dir=data_dir).query
+    for trial in results["trials"]:
+        expected = sorted(np.random.default_rng(trial["seed"]).choice(len(query), size=3, replace=False))
+        records = json.loads(Path(trial["predictions"]).read_text())
+        assert trial["num_queries"] == 3 and [r["id"] for r in records] == [query[i].id for i in expected]

@@ -1,0 +1,156 @@
+"""Score mode reads the official results and annotation formats and gives the papers' metrics."""
+
+import json
+import random
+
+import pytest
+from ea_helpers import pairwise_auc, reference_cider
+
+from flamingo_eval.data import load_task_data
+from flamingo_eval.metrics.vqa import question_accuracy
+from flamingo_eval.score import prediction_record, score_files, score_records, write_predictions
+from flamingo_eval.testing import write_fixture_data
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return write_fixture_data(tmp_path_factory.mktemp("eval-score"), num_support=4, num_query=12, seed=1)
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _guess(example, rng):
+    """A prediction that is sometimes right, sometimes a near miss, sometimes wrong."""
+    answers = list(example.answers)
+    return rng.choice([answers[0], answers[-1].upper() + ".", "something else"])
+
+
+@pytest.mark.parametrize("task,annotation", [("coco", "coco/dataset_coco.json"), ("flickr30k", "flickr30k/dataset_flickr30k.json")])
+def test_caption_score_equals_pycocoevalcap_on_the_karpathy_test_split(task, annotation, root, tmp_path):
+    data = load_task_data(task, data_dir=root)
+    rng = random.Random(0)
+    records = [prediction_record(task, e, _guess(e, rng)) for e in data.query]
+    path = write_predictions(task, records, tmp_path / "results.json")
+    expected = reference_cider({r["image_id"]: r["caption"] for r in records}, {e.id: list(e.answers) for e in data.query})
+    assert score_files(task, path, root / annotation, None) == {"cider": pytest.approx(expected, rel=1e-12)}
+    assert score_records(task, records, data.query) == score_files(task, path, root / annotation, None)
+
+
+def test_caption_score_reads_a_coco_format_annotation_file_too(root, tmp_path):
+    data = load_task_data("coco", data_dir=root)
+    coco_format = {"annotations": [{"image_id": e.id, "caption": c, "id": k} for k, e in enumerate(data.query) for c in e.answers]}
+    annotations = _write(tmp_path / "captions_test.json", coco_format)
+    records = [prediction_record("coco", e, e.answers[1]) for e in data.query]
+    path = write_predictions("coco", records, tmp_path / "results.json")
+    assert score_files("coco", path, annotations, None) == score_files("coco", path, root / "coco/dataset_coco.json", None)
+
+
+@pytest.mark.parametrize(
+    "task,annotation,questions",
+    [
+        ("vqav2", "vqav2/v2_mscoco_val2014_annotations.json", "vqav2/v2_OpenEnded_mscoco_val2014_questions.json"),
+        ("vqav2", "vqav2/v2_mscoco_val2014_annotations.json", None),
+        ("textvqa", "textvqa/TextVQA_0.5.1_val.json", None),
+        ("vizwiz", "vizwiz/val.json", None),
+    ],
+)
+def test_vqa_score_is_the_mean_official_question_accuracy(task, annotation, questions, root, tmp_path):
+    data = load_task_data(task, data_dir=root)
+    rng = random.Random(2)
+    records = [prediction_record(task, e, _guess(e, rng)) for e in data.query]
+    path = write_predictions(task, records, tmp_path / "results.json")
+    expected = 100 * sum(question_accuracy(r["answer"], e.answers) for r, e in zip(records, data.query)) / len(records)
+    result = score_files(task, path, root / annotation, root / questions if questions else None)
+    assert result == {"accuracy": pytest.approx(expected, rel=1e-12)}
+    assert 0 < result["accuracy"] < 100  # the guesses mix hits and misses, so the check is not vacuous
+
+
+def test_okvqa_score_stems_predictions_and_vqav2_does_not(tmp_path):
+    # OK-VQA's annotation answers are stemmed ("dog", "ski"); predictions are stemmed to match.
+    answers = {1: ["dog"] * 10, 2: ["ski"] * 7 + ["snow"] * 3}
+    annotations = _write(tmp_path / "annotations.json", {"annotations": [
+        {"question_id": q, "answers": [{"answer": a} for a in human]} for q, human in answers.items()]})
+    results = _write(tmp_path / "results.json", [{"question_id": 1, "answer": "dogs"}, {"question_id": 2, "answer": "skiing"}])
+    assert score_files("okvqa", results, annotations, None) == {"accuracy": 100.0}
+    assert score_files("vqav2", results, annotations, None) == {"accuracy": 0.0}
+
+
+def test_hateful_memes_score_is_roc_auc_of_the_yes_probability(root, tmp_path):
+    data = load_task_data("hateful_memes", data_dir=root)
+    rng = random.Random(3)
+    records = [prediction_record("hateful_memes", e, round(rng.random(), 1)) for e in data.query]
+    path = write_predictions("hateful_memes", records, tmp_path / "results.json")
+    expected = pairwise_auc([e.label for e in data.query], [r["score"] for r in records])
+    assert score_files("hateful_memes", path, root / "hateful_memes/test_seen.jsonl", None) == {"roc_auc": pytest.approx(expected)}
+
+
+def test_ids_match_by_value_whatever_their_json_type(root, tmp_path):
+    data = load_task_data("vqav2", data_dir=root)
+    records = [{"question_id": str(e.id), "answer": e.answers[0]} for e in data.query]
+    ints = [{"question_id": e.id, "answer": e.answers[0]} for e in data.query]
+    annotations = root / "vqav2/v2_mscoco_val2014_annotations.json"
+    assert score_files("vqav2", _write(tmp_path / "s.json", records), annotations, None) == score_files(
+        "vqav2", _write(tmp_path / "i.json", ints), annotations, None
+    )
+
+
+# ----------------------------------------------------------------------------------------------- errors
+@pytest.fixture
+def coco(root):
+    return load_task_data("coco", data_dir=root), root / "coco/dataset_coco.json"
+
+
+def test_missing_predictions_file_is_named(coco, tmp_path):
+    _, annotations = coco
+    with pytest.raises(ValueError, match="predictions: file .*missing.json not found"):
+        score_files("coco", tmp_path / "missing.json", annotations, None)
+
+
+def test_predictions_that_are_not_a_list_are_rejected(coco, tmp_path):
+    _, annotations = coco
+    with pytest.raises(ValueError, match="results.json: expected a JSON list of records, got dict"):
+        score_files("coco", _write(tmp_path / "results.json", {"image_id": 1}), annotations, None)
+
+
+def test_a_record_without_caption_names_the_record_and_the_field(coco, tmp_path):
+    data, annotations = coco
+    records = [{"image_id": e.id, "caption": "a dog"} for e in data.query]
+    records[3] = {"image_id": data.query[3].id, "text": "a dog"}
+    with pytest.raises(ValueError, match="results.json, record 3: missing field 'caption'"):
+        score_files("coco", _write(tmp_path / "results.json", records), annotations, None)
+
+
+def test_predictions_missing_annotated_ids_name_some_of_them(coco, tmp_path):
+    data, annotations = coco
+    records = [{"image_id": e.id, "caption": "a dog"} for e in data.query[2:]]
+    with pytest.raises(ValueError, match=rf"no prediction for 2 of the 12 items .* e.g. ids \['{data.query[0].id}', '{data.query[1].id}'\]"):
+        score_files("coco", _write(tmp_path / "results.json", records), annotations, None)
+
+
+def test_predictions_for_unknown_ids_are_rejected(coco, tmp_path):
+    data, annotations = coco
+    records = [{"image_id": e.id, "caption": "a dog"} for e in data.query] + [{"image_id": 999999, "caption": "x"}]
+    with pytest.raises(ValueError, match=r"1 prediction\(s\) for ids that .* does not have, e.g. \['999999'\]"):
+        score_files("coco", _write(tmp_path / "results.json", records), annotations, None)
+
+
+def test_duplicate_predictions_are_rejected(coco, tmp_path):
+    data, annotations = coco
+    records = [{"image_id": e.id, "caption": "a dog"} for e in data.query] + [{"image_id": data.query[0].id, "caption": "x"}]
+    with pytest.raises(ValueError, match="appears more than once"):
+        score_files("coco", _write(tmp_path / "results.json", records), annotations, None)
+
+
+def test_annotations_in_an_unknown_format_are_named(coco, tmp_path):
+    data, _ = coco
+    records = [{"image_id": e.id, "caption": "a dog"} for e in data.query]
+    with pytest.raises(ValueError, match="bad.json: expected a COCO-format captions file"):
+        score_files("coco", _write(tmp_path / "results.json", records), _write(tmp_path / "bad.json", {"foo": []}), None)
+
+
+def test_unscorable_task_is_named(tmp_path):
+    with pytest.raises(ValueError, match="task must be one of"):
+        score_files("imagenet", tmp_path / "a.json", tmp_path / "b.json", None)

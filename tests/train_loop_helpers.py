@@ -1,0 +1,66 @@
+"""Helpers for tests/test_train_loop.py: run the training entry point in a subprocess, read what a run wrote."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def subprocess_env():
+    """Offline, one thread per process (the test machine's cores are shared), quiet tokenizers."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_training(config, *args, processes=1, timeout=300):
+    """Run ``flamingo_train`` on ``processes`` CPU processes; returns the CompletedProcess (stdout+stderr merged).
+
+    Two processes go through ``accelerate launch --multi_gpu`` (torchrun underneath): accelerate's ``--cpu`` flag
+    starts a single process unless MPI is installed; on a machine without GPUs the loop asks accelerate for a CPU
+    (gloo) run itself.
+    """
+    if processes == 1:
+        command = [sys.executable, "-m", "flamingo_train"]
+    else:
+        command = [
+            ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            "-m", "flamingo_train",
+        ]
+    command += ["--config", str(config), *args]
+    return subprocess.run(
+        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout,
+    )
+
+
+def check(result):
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result
+
+
+def read_metrics(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(output_dir):
+    return load_file(str(Path(output_dir) / "final" / "model.safetensors"))
+
+
+def bitwise_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,109 @@
+"""Training checkpoints: ``accelerator.save_state`` (trainable weights, optimiser, scheduler, RNG of every process)
+plus ``trainer_state.json`` (step counters and every rank's data positions), written atomically.
+
+Layout::
+
+    output_dir/checkpoints/step-00000100/   complete (has trainer_state.json, renamed into place last)
+    output_dir/checkpoints/.tmp-step-00000200/   being written, or left by a killed run: ignored and cleared
+
+Only the trainable weights go into a checkpoint (a save-state hook filters the model's state dict); the frozen
+backbones come from the model definition on resume, so a checkpoint of a 7B-LM Flamingo stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from flamingo.io import atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+_COMPLETE = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def keep_only_trainable_weights(accelerator: Accelerator) -> None:
+    """Make ``save_state`` store only the parameters/buffers of ``model.trainable_modules()``."""
+
+    def hook(models, weights, output_dir):
+        for i, model in enumerate(models):
+            prefixes = tuple(f"{p}." for p in accelerator.unwrap_model(model).trainable_modules())
+            weights[i] = {
+                key: value
+                for key, value in weights[i].items()
+                if key.removeprefix("module.").removeprefix("_orig_mod.").startswith(prefixes)
+            }
+
+    accelerator.register_save_state_pre_hook(hook)
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Partial ``.tmp-*`` dirs from a killed run are never listed."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _COMPLETE.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: int(_COMPLETE.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """``"auto"``: the latest complete checkpoint, or None for a fresh run. A path: that (complete) checkpoint."""
+    if resume in (None, "", "none", "no"):
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ValueError(f"run.resume={resume!r} is not a complete checkpoint (no {TRAINER_STATE} in it).")
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator, *, output_dir: str | Path, step: int, state: dict, rank_state: dict, keep_last: int
+) -> Path:
+    """Collective: every process must call it. ``state`` is shared (from the main process), ``rank_state`` is this
+    process's own (data positions, skip counts); all ranks' go into ``trainer_state.json`` as ``ranks[i]``."""
+    root = Path(output_dir) / CHECKPOINTS
+    final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        for stale in root.glob(".tmp-*"):  # left by a killed run
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    ranks = gather_object([rank_state])
+    accelerator.wait_for_everyone()  # every process has written its RNG state into tmp
+    if accelerator.is_main_process:
+        trainer_state = {**state, "step": step, "world_size": accelerator.num_processes, "ranks": ranks}
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1, sort_keys=True) + "\n")
+        if final.exists():  # the same step saved again after a resume: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, dict]:
+    """Restore what :func:`save_checkpoint` saved; returns (shared state, this rank's state)."""
+    path = Path(path)
+    state = json.loads((path / TRAINER_STATE).read_text())
+    if state["world_size"] != accelerator.num_processes:
+        raise ValueError(
+            f"{path} was written by {state['world_size']} processes but this run has {accelerator.num_processes}; "
+            "data positions are per process, so resume with the same number of processes."
+        )
+    # strict=False: the checkpoint holds only the trainable weights; the frozen backbones are already loaded.
+    accelerator.load_state(str(path), strict=False)
+    return state, state["ranks"][accelerator.process_index]

@@ -1,0 +1,242 @@
+"""The training config: a YAML file of sections (model, data, optim, schedule, run) plus ``key.sub=value`` overrides.
+
+Example::
+
+    config = load_config("training/configs/tiny_cpu.yaml", overrides=["run.max_steps=20", "data.0.batch_size=4"])
+
+Each section is a dataclass, so a typo in a YAML key is a ValueError naming the file and the field, not a silently
+ignored setting. A ``data`` entry is addressed in overrides by its index or its ``name`` (``data.coco.loss_weight=2``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flamingo.configuration import CrossAttentionConfig, PerceiverConfig
+from flamingo_train.data.config import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    """Either ``pretrained`` (a directory written by ``save_pretrained``) or the fields of a fresh build, which go to
+    ``flamingo.create_model_and_processor`` (``perceiver``/``cross_attention`` are PerceiverConfig/CrossAttentionConfig
+    fields)."""
+
+    pretrained: str | None = None
+    vision_model: str | None = None
+    vision_pretrained: str | None = None
+    lang_model: str | None = None
+    tokenizer: str | None = None
+    cross_attn_every_n_layers: int = 1
+    perceiver: dict = field(default_factory=dict)
+    cross_attention: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over the trainable modules. A parameter gets no weight decay if it has fewer than 2 dimensions (biases,
+    norm scales, tanh gates: decaying a gate would pull it shut) or its name contains one of ``no_decay``."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # Learned tables, not projections: decaying them only shrinks the latents / token rows toward zero.
+    no_decay: list[str] = field(default_factory=lambda: ["latents", "frame_embeddings", "added_tokens"])
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate multiplier per OPTIMISER step: linear warmup from 0, then ``kind`` down to ``min_lr_ratio``."""
+
+    kind: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/flamingo"
+    max_steps: int = 1000  # optimiser steps
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    gradient_checkpointing: bool = False
+    save_every: int = 500  # optimiser steps; 0 disables intermediate checkpoints
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    strict: bool = False  # a bad record raises instead of being skipped and counted
+    report_to: str | None = "all"  # accelerate trackers: "all" (those installed), "tensorboard", "wandb", None
+    resume: str | None = None  # "auto" (latest complete checkpoint in output_dir, if any) | a checkpoint dir | None
+    # Export output_dir/final with copies of the backbones (self-contained) instead of references to them.
+    export_backbones: bool = False
+    # Debugging/tests only: exit abruptly (os._exit, no cleanup) after this optimiser step, like a killed job.
+    kill_after_step: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: list[DataConfig]
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "run": RunConfig}
+
+
+def load_config(path: str | Path, *, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides (values parsed as YAML), build and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Config file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a mapping of sections (model, data, optim, schedule, run).")
+    for override in overrides:
+        apply_override(raw, override, where=str(path))
+    return config_from_dict(raw, where=str(path))
+
+
+def apply_override(raw: dict, override: str, *, where: str = "config") -> None:
+    """``run.max_steps=20`` / ``data.0.batch_size=4`` / ``data.coco.loss_weight=2`` edits ``raw`` in place."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ValueError(f"Override {override!r} must look like section.field=value.")
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, key)
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ValueError(f"Override {override!r}: {'.'.join(parts[: depth + 1])} in {where} is not a section.")
+    if isinstance(node, list):
+        raise ValueError(f"Override {override!r} names a whole data entry; name one of its fields.")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _list_item(items: list, part: str, key: str) -> dict:
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    for item in items:
+        if isinstance(item, dict) and item.get("name") == part:
+            return item
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    raise ValueError(f"Override {key!r}: no data entry {part!r}; give an index below {len(items)} or one of {names}.")
+
+
+def config_from_dict(raw: dict, *, where: str = "config") -> TrainConfig:
+    unknown = sorted(set(raw) - set(SECTIONS) - {"data"})
+    if unknown:
+        raise ValueError(f"{where}: unknown section(s) {unknown}; expected model, data, optim, schedule, run.")
+    if "model" not in raw or "data" not in raw:
+        raise ValueError(f"{where}: the sections 'model' and 'data' are required.")
+    data = raw["data"]
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{where}: 'data' must be a non-empty list of datasets.")
+    sections = {name: _build(cls, raw.get(name) or {}, f"{where}: {name}") for name, cls in SECTIONS.items()}
+    datasets = [_build(DataConfig, entry, f"{where}: data[{i}]") for i, entry in enumerate(data)]
+    config = TrainConfig(data=datasets, **sections)
+    validate(config, where=where)
+    return config
+
+
+def _build(cls, values: Any, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping of fields, got {type(values).__name__}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}.")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f)]
+    if missing:
+        raise ValueError(f"{where}: missing required field(s) {missing}.")
+    return cls(**{name: _check_type(value, hints[name], f"{where}.{name}") for name, value in values.items()})
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """Accept ``value`` if it fits ``hint`` (ints where floats are expected become floats), else a ValueError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where}: expected {hint}, got {value!r}.")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{where}: expected None, got {value!r}.")
+    if origin is list:
+        (item_hint,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, (list, tuple)):
+            return [_check_type(v, item_hint, where) for v in value]
+        raise ValueError(f"{where}: expected a list, got {value!r}.")
+    if hint is Any or origin is dict or hint is dict:
+        if hint is not Any and not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}.")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}.")
+
+
+def validate(config: TrainConfig, *, where: str = "config") -> None:
+    """Cross-field checks the types cannot express."""
+    model, run, schedule, optim = config.model, config.run, config.schedule, config.optim
+    if model.pretrained is None and (model.vision_model is None or model.lang_model is None):
+        raise ValueError(f"{where}: model needs either 'pretrained' or both 'vision_model' and 'lang_model'.")
+    if model.pretrained is not None and (model.vision_model or model.lang_model):
+        raise ValueError(f"{where}: model.pretrained excludes vision_model/lang_model (it names its own backbones).")
+    for name, cls in (("perceiver", PerceiverConfig), ("cross_attention", CrossAttentionConfig)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(getattr(model, name)) - known)
+        if unknown:
+            raise ValueError(f"{where}: model.{name}: unknown field(s) {unknown}; known fields are {sorted(known)}.")
+    if schedule.kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"{where}: schedule.kind must be cosine, linear or constant, got {schedule.kind!r}.")
+    if not 0.0 <= schedule.min_lr_ratio <= 1.0 or schedule.warmup_steps < 0:
+        raise ValueError(f"{where}: schedule needs 0 <= min_lr_ratio <= 1 and warmup_steps >= 0.")
+    if len(optim.betas) != 2:
+        raise ValueError(f"{where}: optim.betas must be two numbers, got {optim.betas}.")
+    if run.max_steps < 1 or run.grad_accum_steps < 1 or run.log_every < 1 or run.keep_last < 1 or run.save_every < 0:
+        raise ValueError(f"{where}: run needs max_steps, grad_accum_steps, log_every, keep_last >= 1, save_every >= 0.")
+    if run.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"{where}: run.mixed_precision must be no, fp16 or bf16, got {run.mixed_precision!r}.")
+    names = [d.name for d in config.data]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: data entries need distinct names, got {names}.")
+    for d in config.data:
+        if d.batch_size < 1 or d.loss_weight < 0:
+            raise ValueError(f"{where}: data {d.name!r} needs batch_size >= 1 and loss_weight >= 0.")

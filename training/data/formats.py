@@ -1,0 +1,188 @@
+"""Record formats -> :class:`Document`: the text before the first image, then one (image, text after it) per image.
+
+Three layouts are read from files (``.jsonl``, ``.json``, ``.parquet``, ``.arrow`` or a ``save_to_disk`` directory):
+
+* ``simple``: ``{"text": "Intro <image>about image 1 <image>about image 2", "images": ["a.jpg", "b.jpg"]}``.
+  The ``k``-th ``<image>`` marks where ``images[k]`` goes; their counts must match.
+* ``obelics``: ``{"texts": ["Intro", null, "about image 1"], "images": [null, "a.jpg", null]}``: aligned lists
+  where exactly one of the pair is null at each position (the OBELICS layout). Consecutive texts are joined by a
+  space.
+* ``pairs``: ``{"image": "a.jpg", "caption": "a cat on a sofa"}``.
+
+An image is a path (relative paths resolve against ``image_root``, by default the data file's folder), raw bytes,
+or a ``datasets`` Image value (``{"bytes": ..., "path": ...}``).
+
+``webdataset`` records come from ``.tar`` shards whose members are grouped by key (the member name up to its first
+dot, as in WebDataset): ``KEY.jpg`` (or ``.jpeg``/``.png``/``.webp``) + ``KEY.txt`` is an image-text pair (a
+``KEY.json`` beside them is metadata and ignored), and ``KEY.json`` without ``KEY.txt`` is an interleaved document in the simple or OBELICS layout whose image entries name members of the same
+sample, either by field (``"0.jpg"`` for the member ``KEY.0.jpg``) or by full member name (``"KEY.0.jpg"``).
+
+A ``<|endofchunk|>`` that a record already puts at the end of a chunk is dropped here: the layout
+(:mod:`flamingo_train.data.samples`) adds exactly one per image.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class BadRecord(Exception):
+    """A record that cannot become a training sample. ``reason`` is the key it is counted under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Document:
+    """``prefix`` text, then for each image the text that follows it. Images are still undecoded references."""
+
+    prefix: str = ""
+    chunks: list[tuple[Any, str]] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Any]:
+        return [image for image, _ in self.chunks]
+
+
+def _clean(text: str) -> str:
+    text = text.rstrip()
+    while text.endswith(END_OF_CHUNK_TOKEN):
+        text = text[: -len(END_OF_CHUNK_TOKEN)].rstrip()
+    return text
+
+
+def _require(record: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in record:
+        raise BadRecord("malformed_record", f"has no {key!r} field (fields: {sorted(record)})")
+    value = record[key]
+    if not isinstance(value, kind):
+        raise BadRecord("malformed_record", f"field {key!r} is {type(value).__name__}, not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _image_ref(value: Any, root: Path | None) -> Any:
+    """A path (resolved against ``root``), bytes, or a PIL image; ``datasets`` Image dicts are unpacked."""
+    if isinstance(value, dict):  # a datasets Image feature read with decode=False
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        path = Path(value)
+        return str(path if path.is_absolute() or root is None else root / path)
+    if value is not None and hasattr(value, "convert"):  # an already decoded PIL image
+        return value
+    raise BadRecord("malformed_record", f"image entry {str(value)[:60]!r} is not a path, bytes or an image")
+
+
+def parse_simple(record: dict, root: Path | None) -> Document:
+    text = _require(record, "text", str)
+    images = _require(record, "images", list) if record.get("images") is not None else []
+    pieces = text.split(MEDIA_TOKEN)
+    if len(pieces) - 1 != len(images):
+        raise BadRecord("image_count_mismatch", f"has {len(pieces) - 1} {MEDIA_TOKEN} token(s) but {len(images)} image(s)")
+    return Document(_clean(pieces[0]), [(_image_ref(im, root), _clean(t)) for im, t in zip(images, pieces[1:])])
+
+
+def parse_obelics(record: dict, root: Path | None) -> Document:
+    texts, images = _require(record, "texts", list), _require(record, "images", list)
+    if len(texts) != len(images):
+        raise BadRecord("malformed_record", f"has {len(texts)} texts but {len(images)} images; the lists must align")
+    document, current = Document(), []
+
+    def close() -> str:
+        joined = _clean(" ".join(t.strip() for t in current))
+        current.clear()
+        return joined
+
+    for position, (text, image) in enumerate(zip(texts, images)):
+        if (text is None) == (image is None):
+            raise BadRecord("malformed_record", f"position {position} must have exactly one of text and image")
+        if text is not None:
+            if not isinstance(text, str):
+                raise BadRecord("malformed_record", f"texts[{position}] is {type(text).__name__}, not str")
+            if text.strip():
+                current.append(text)
+            continue
+        if document.chunks:
+            document.chunks[-1] = (document.chunks[-1][0], close())
+        else:
+            document.prefix = close()
+        document.chunks.append((_image_ref(image, root), ""))
+    if document.chunks:
+        document.chunks[-1] = (document.chunks[-1][0], close())
+    else:
+        document.prefix = close()
+    return document
+
+
+def parse_pair(record: dict, root: Path | None) -> Document:
+    caption = _require(record, "caption", str)
+    if "image" not in record or record["image"] is None:
+        raise BadRecord("malformed_record", "has no 'image'")
+    return Document("", [(_image_ref(record["image"], root), _clean(caption))])
+
+
+PARSERS = {"simple": parse_simple, "obelics": parse_obelics, "pairs": parse_pair}
+
+
+def parse_record(record: Any, format: str, root: Path | None) -> Document:
+    """One raw record (a dict, or a JSON line as ``str``) of ``format`` -> Document; raises :class:`BadRecord`."""
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as error:
+            raise BadRecord("malformed_json", f"is not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise BadRecord("malformed_record", f"is a JSON {type(record).__name__}, not an object")
+    if format == "webdataset":
+        return parse_webdataset_sample(record)
+    return PARSERS[format](record, root)
+
+
+def parse_webdataset_sample(sample: dict[str, Any]) -> Document:
+    """``{"__key__": KEY, field: bytes, ...}`` (fields as in ``KEY.field``) -> Document.
+
+    An image + ``txt`` sample is a pair even when it also has a ``json`` member (LAION-style shards keep metadata
+    there); a sample with ``json`` and no ``txt`` is an interleaved document.
+    """
+    key = sample.get("__key__", "")
+    image_fields = [f for f in IMAGE_EXTENSIONS if f in sample]
+    if image_fields and "txt" in sample:
+        try:
+            caption = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadRecord("malformed_record", f"{key}.txt is not UTF-8 ({error})") from None
+        return Document("", [(sample[image_fields[0]], _clean(caption))])
+    if "json" not in sample:
+        fields = sorted(f for f in sample if not f.startswith("__"))
+        raise BadRecord("malformed_record", f"sample {key} has fields {fields}: need an image + txt pair or a json document")
+    try:
+        document = json.loads(sample["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadRecord("malformed_json", f"{key}.json is not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise BadRecord("malformed_record", f"{key}.json is a JSON {type(document).__name__}, not an object")
+
+    def member(name: Any) -> Any:
+        if not isinstance(name, str):
+            return name  # null, or a malformed entry that the layout parser reports
+        field_name = name[len(key) + 1 :] if name.startswith(f"{key}.") else name
+        if field_name not in sample:
+            raise BadRecord("missing_image", f"names image {name!r}, which is not a member of sample {key}")
+        return sample[field_name]
+
+    images = document.get("images")
+    if isinstance(images, list):
+        document = {**document, "images": [member(name) for name in images]}
+    return parse_obelics(document, None) if "texts" in document else parse_simple(document, None)

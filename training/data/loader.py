@@ -1,0 +1,247 @@
+"""One endless, sharded, resumable DataLoader per :class:`DataConfig`.
+
+Order. The records form one endless stream: epoch ``e`` is the dataset in the order given by ``seed`` and ``e``
+(a permutation for random access; for streaming, a shuffled file order plus a ``shuffle_buffer``-sized buffer
+shuffle), and epochs follow each other without a break, so no record is dropped at an epoch's end. The stream is cut
+into global blocks of ``batch_size * world_size`` records. Block ``k`` is global step ``k``: rank ``r`` takes
+positions ``r, r + W, r + 2W, ...`` of the block. So a 1-process run with batch size ``2B`` sees at every step the
+union of what a 2-process run with batch size ``B`` sees, whatever ``num_workers`` is.
+
+Workers. DataLoader worker ``w`` of ``N`` (a "lane") builds the batches of blocks ``w, w + N, w + 2N, ...``;
+DataLoader takes batches from workers round-robin, so batches arrive in block order. Parsing, tokenisation, image
+decoding and transforms all run in the workers; the main process only receives finished tensors.
+
+Bad records (malformed JSON or record, ``<image>``/image count mismatch, missing or corrupt image, ``empty`` after
+truncation) are left out of their batch and counted by reason in the next batch's ``skipped``; a batch whose
+records are all bad is not emitted, and its worker goes on to its next block. With ``strict=True`` the first bad
+record raises ValueError naming the dataset, file and line/row/key. A worker that finds no usable record in two
+epochs raises ValueError with the skip counts (a wrong ``format`` would otherwise spin forever).
+
+Resume. Every batch carries ``position``: its lane, the lane's next block, and the loader's starting point.
+:class:`PositionTracker` folds them into a state; ``build_dataloader(..., start=tracker.state_dict())`` restarts
+each lane at its next block and the round-robin at the lane after the last batch consumed, so the batches that
+follow are exactly those an uninterrupted loader would have produced. Random access jumps straight to the block;
+streaming re-reads (without decoding) the records before it. Save each rank's tracker: rank 0's state is exact for
+every rank unless some rank left out a whole all-bad batch.
+
+Usage::
+
+    loader = build_dataloader(config, processor, rank=0, world_size=1, seed=0)
+    tracker = PositionTracker()
+    for step, batch in zip(range(steps), loader):
+        tracker.update(batch["position"])
+        loss = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}).loss
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from flamingo.processing import FlamingoProcessor
+
+from .config import DataConfig
+from .formats import BadRecord, parse_record
+from .samples import SampleBuilder, collate, decode_images
+from .sources import LazySample, Part, RandomAccess, open_parts
+
+
+class PositionTracker:
+    """Where a loader stands: the next block of each lane and which lane comes next. JSON-able state."""
+
+    def __init__(self) -> None:
+        self.num_workers: int | None = None
+        self.next_blocks: list[int] | None = None
+        self.next_lane = 0
+        self.global_batch: int | None = None
+
+    def update(self, batch_position: dict) -> None:
+        """Call with ``batch["position"]`` for every batch consumed, in order."""
+        if self.next_blocks is None or self.num_workers != batch_position["num_workers"]:
+            self.num_workers = batch_position["num_workers"]
+            self.next_blocks = list(batch_position["start_blocks"])
+        lane = batch_position["lane"]
+        self.next_blocks[lane] = batch_position["next_block"]
+        self.next_lane = (lane + 1) % self.num_workers
+        self.global_batch = batch_position["global_batch"]
+
+    def state_dict(self) -> dict:
+        return {"num_workers": self.num_workers, "next_blocks": self.next_blocks, "next_lane": self.next_lane,
+                "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_workers, self.next_blocks = state["num_workers"], state["next_blocks"]
+        self.next_lane, self.global_batch = state["next_lane"], state.get("global_batch")
+
+
+class _Batches(IterableDataset):
+    """Yields finished batches (see the module docstring); used with ``DataLoader(batch_size=None)``."""
+
+    def __init__(self, config: DataConfig, processor: FlamingoProcessor, parts: list[Part], *, rank: int,
+                 world_size: int, seed: int, strict: bool, lanes: int, start_blocks: list[int], first_lane: int):
+        self.config, self.processor, self.parts = config, processor, parts
+        self.table = RandomAccess(parts) if not config.streaming else None
+        self.rank, self.world_size, self.seed, self.strict = rank, world_size, seed, strict
+        self.lanes, self.start_blocks, self.first_lane = lanes, start_blocks, first_lane
+        self.global_batch = config.batch_size * world_size
+        self.builder = SampleBuilder(processor, max_tokens=config.max_tokens, max_images=config.max_images,
+                                     mask_text_before_first_image=config.mask_text_before_first_image)
+        size = processor.preprocess_cfg["size"]
+        self.image_shape = (3, *(tuple(size) if isinstance(size, (list, tuple)) else (size, size)))
+        self.pad_id = processor.tokenizer.pad_token_id
+
+    # ---------------------------------------------------------------------------------------------- order
+    def _permutation(self, epoch: int) -> np.ndarray:
+        n = len(self.table)
+        if not self.config.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def _random_access_records(self, positions: list[int], orders: dict[int, np.ndarray]) -> list[tuple[str, Any, Any]]:
+        """Records at global stream ``positions``; ``orders`` caches the current epoch's permutation."""
+        n, records = len(self.table), []
+        for position in positions:
+            epoch, offset = divmod(position, n)
+            if epoch not in orders:
+                orders.clear()
+                orders[epoch] = self._permutation(epoch)
+            records.append(self.table.get(int(orders[epoch][offset])))
+        return records
+
+    def _stream(self) -> Iterator[tuple[str, Any, Any]]:
+        """The endless streaming order: epoch after epoch of (shuffled files, buffer-shuffled records)."""
+        epoch = 0
+        while True:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.parts)) if self.config.shuffle else range(len(self.parts))
+            records = ((origin, raw, self.parts[p].root) for p in order for origin, raw in self.parts[p].iterate())
+            if self.config.shuffle:
+                records = _buffer_shuffle(records, self.config.shuffle_buffer, rng)
+            count = 0
+            for record in records:
+                count += 1
+                yield record
+            if count == 0:
+                raise ValueError(f"DataConfig {self.config.name!r}: the data holds no records.")
+            self._epoch_length = count
+            epoch += 1
+
+    # ---------------------------------------------------------------------------------------------- batches
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        lane = (self.first_lane + (info.id if info is not None else 0)) % self.lanes
+        block = self.start_blocks[lane]
+        orders: dict[int, np.ndarray] = {}
+        stream = self._stream() if self.config.streaming else None
+        stream_position = 0
+        skipped: Counter = Counter()
+        self._epoch_length = len(self.table) if self.table is not None else None  # streaming: known after epoch 0
+        last_good = block  # a worker that finds nothing usable for two epochs stops instead of spinning forever
+        while True:
+            first = block * self.global_batch
+            mine = [first + self.rank + self.world_size * j for j in range(self.config.batch_size)]
+            if stream is None:
+                records = self._random_access_records(mine, orders)
+            else:
+                wanted, records = set(mine), []
+                while stream_position < first + self.global_batch:
+                    record = next(stream)
+                    if stream_position in wanted:
+                        records.append(record)
+                    stream_position += 1
+            samples, pixels = [], []
+            for origin, raw, root in records:
+                try:
+                    sample, sample_pixels = self._make(raw, root)
+                except BadRecord as bad:
+                    if self.strict:
+                        raise ValueError(
+                            f"DataConfig {self.config.name!r}: bad record {origin} ({bad.reason}): {bad}"
+                        ) from None
+                    skipped[bad.reason] += 1
+                    continue
+                if sample is not None:
+                    samples.append(sample)
+                    pixels.append(sample_pixels)
+            block += self.lanes
+            if not samples:
+                span = (block - last_good) * self.global_batch
+                if self._epoch_length is not None and span >= max(2 * self._epoch_length, 2 * self.lanes * self.global_batch):
+                    raise ValueError(
+                        f"DataConfig {self.config.name!r}: no usable record in two epochs of {self.config.path} "
+                        f"(skipped by reason: {dict(skipped)}); check format={self.config.format!r}, the paths and "
+                        f"image_root."
+                    )
+                continue
+            last_good = block
+            batch = collate(samples, pixels, pad_id=self.pad_id, image_shape=self.image_shape)
+            batch["position"] = {
+                "lane": lane, "next_block": block, "num_workers": self.lanes, "start_blocks": list(self.start_blocks),
+                "global_batch": self.global_batch,
+            }
+            batch["skipped"] = dict(skipped)
+            skipped = Counter()
+            yield batch
+
+    def _make(self, raw: Any, root: Any):
+        if isinstance(raw, str) and not raw.strip():
+            return None, None  # a blank line in a JSON Lines file is not a record
+        if isinstance(raw, LazySample):
+            raw = raw.load()
+        document = parse_record(raw, self.config.format, root)
+        sample = self.builder.build(document)
+        return sample, decode_images(sample, self.processor)
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Approximate shuffle of an endless or huge stream: emit a random element of a ``size``-element buffer."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def build_dataloader(config: DataConfig, processor: FlamingoProcessor, *, rank: int, world_size: int, seed: int,
+                     strict: bool = False, start: dict | None = None) -> DataLoader:
+    """An endless DataLoader of ``config``'s batches for process ``rank`` of ``world_size`` (see module docstring).
+
+    Each batch: input_ids, attention_mask, labels (B, L), right-padded, labels -100 where masked; pixel_values
+    (B, T_max, 1, C, H, W) zero-padded; position (JSON-able, for :class:`PositionTracker`); skipped (reason -> count).
+    Do not pass it through ``accelerator.prepare``: it shards itself.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"build_dataloader: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
+    lanes = max(config.num_workers, 1)
+    if start is None or start.get("next_blocks") is None:
+        start_blocks, first_lane = list(range(lanes)), 0
+    else:
+        if start["num_workers"] != lanes:
+            raise ValueError(
+                f"DataConfig {config.name!r}: the resume state was written with num_workers={start['num_workers']}, "
+                f"this loader has {lanes} worker lane(s); resume with the same num_workers."
+            )
+        if start.get("global_batch") not in (None, config.batch_size * world_size):
+            raise ValueError(
+                f"DataConfig {config.name!r}: the resume state has a global batch of {start['global_batch']} records, "
+                f"this loader has batch_size * world_size = {config.batch_size * world_size}."
+            )
+        start_blocks, first_lane = list(start["next_blocks"]), start["next_lane"]
+    parts = open_parts(config)
+    if not config.streaming and sum(part.length for part in parts) == 0:
+        raise ValueError(f"DataConfig {config.name!r}: {config.path} holds no records.")
+    if config.num_workers > 0:
+        # Workers fork after the tokenizer has been used here; its thread pool must not be inherited.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    dataset = _Batches(config, processor, parts, rank=rank, world_size=world_size, seed=seed, strict=strict,
+                       lanes=lanes, start_blocks=start_blocks, first_lane=first_lane)
+    return DataLoader(dataset, batch_size=None, num_workers=config.num_workers)

@@ -1,0 +1,146 @@
+"""Document -> token ids, labels and images: the text layout, truncation and label masking rules.
+
+Layout (OpenFlamingo's)::
+
+    [bos] prefix <image>text 1<|endofchunk|><image>text 2<|endofchunk|> ... [eos]
+
+* bos is added when the tokenizer adds one itself (Llama-style); eos always ends a complete document.
+* Each image's text chunk ends with ``<|endofchunk|>``; the text before the first image (``prefix``) does not.
+  An image-text pair is therefore ``[bos]<image>{caption}<|endofchunk|>{eos}``.
+
+Truncation (in this order, on token ids):
+
+1. Images beyond ``max_images`` are cut together with everything after them.
+2. The sequence is cut to ``max_tokens`` (a cut document gets no eos: it did not end there).
+3. A trailing ``<image>`` with no text after it (only ``<|endofchunk|>``/eos, or nothing) is dropped, repeatedly
+   (a complete document keeps its eos).
+
+so every kept ``<image>`` token has its image and every kept image has its token.
+
+Labels (``-100`` is ignored by the loss):
+
+* padding is masked (by attention mask, so an eos that doubles as the pad token is still trained);
+* every ``<image>`` token is masked: the model cannot predict where an image will be;
+* bos is masked, and so is all text before the first image unless ``mask_text_before_first_image=False``
+  (a document with no image then has nothing to learn and is skipped);
+* ``<|endofchunk|>`` and eos are trained, so the model learns to end a caption and a document;
+* a sample left with no trained token is skipped as ``empty``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, FlamingoProcessor, load_image
+
+from .formats import BadRecord, Document
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sample:
+    """One training sample: ``input_ids`` and ``labels`` (L,) as lists, ``images`` the references still to decode."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: list[Any]
+
+
+class SampleBuilder:
+    """Applies the layout, truncation and label rules of this module's docstring with one tokenizer."""
+
+    def __init__(self, processor: FlamingoProcessor, *, max_tokens: int, max_images: int,
+                 mask_text_before_first_image: bool = True):
+        tokenizer = processor.tokenizer
+        self.tokenizer = tokenizer
+        self.media_id = processor.media_token_id
+        self.end_of_chunk_id = processor.end_of_chunk_token_id
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("The tokenizer has no eos token; the training layout ends each document with eos.")
+        # Add bos only where the tokenizer itself would (Llama yes, GPT-2 no).
+        probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+        self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] else None
+        self.max_tokens = max_tokens
+        self.max_images = max_images
+        self.mask_text_before_first_image = mask_text_before_first_image
+
+    def layout(self, document: Document) -> str:
+        return document.prefix + "".join(f"{MEDIA_TOKEN}{text}{END_OF_CHUNK_TOKEN}" for _, text in document.chunks)
+
+    def token_ids(self, document: Document) -> list[int]:
+        """The whole document's ids, ``[bos] ... [eos]``, before truncation."""
+        body = self.tokenizer(self.layout(document), add_special_tokens=False)["input_ids"]
+        if body.count(self.media_id) != len(document.chunks):
+            raise BadRecord(
+                "image_count_mismatch",
+                f"its text holds a literal {MEDIA_TOKEN}: {body.count(self.media_id)} tokens for {len(document.chunks)} images",
+            )
+        return ([self.bos_id] if self.bos_id is not None else []) + body + [self.eos_id]
+
+    def build(self, document: Document) -> Sample:
+        ids = self.truncate(self.token_ids(document))
+        images = document.images[: ids.count(self.media_id)]
+        labels = self.labels(ids)
+        if all(label == IGNORE_INDEX for label in labels):
+            raise BadRecord("empty", "has no trainable token after truncation and masking")
+        return Sample(ids, labels, images)
+
+    def truncate(self, ids: list[int]) -> list[int]:
+        media = [i for i, token in enumerate(ids) if token == self.media_id]
+        if len(media) > self.max_images:
+            ids = ids[: media[self.max_images]]
+        ids = ids[: self.max_tokens]
+        closing = {self.end_of_chunk_id, self.eos_id}
+        complete = ids[-1:] == [self.eos_id]
+        while self.media_id in ids:
+            last = len(ids) - 1 - ids[::-1].index(self.media_id)
+            if any(token not in closing for token in ids[last + 1 :]):
+                break
+            # A document that ended still ends with eos after its textless last image goes.
+            ids = ids[:last] + ([self.eos_id] if complete else [])
+        return ids
+
+    def labels(self, ids: list[int]) -> list[int]:
+        labels = list(ids)
+        first_image = ids.index(self.media_id) if self.media_id in ids else len(ids)
+        for i, token in enumerate(ids):
+            before_first = i < first_image and self.mask_text_before_first_image
+            is_bos = i == 0 and self.bos_id is not None
+            if token == self.media_id or before_first or is_bos:
+                labels[i] = IGNORE_INDEX
+        return labels
+
+
+def decode_images(sample: Sample, processor: FlamingoProcessor) -> torch.Tensor:
+    """Load and transform a sample's images -> (T, 1, C, H, W); raises BadRecord naming the image that failed."""
+    pixels = []
+    for index, image in enumerate(sample.images):
+        try:
+            pixels.append(processor.image_transform(load_image(image)))
+        except ValueError as error:
+            missing = isinstance(error.__cause__, (FileNotFoundError, IsADirectoryError))
+            raise BadRecord("missing_image" if missing else "corrupt_image", f"image {index}: {error}") from None
+    return torch.stack(pixels).unsqueeze(1) if pixels else torch.zeros(0, 1, 0, 0, 0)
+
+
+def collate(samples: Sequence[Sample], pixels: Sequence[torch.Tensor], *, pad_id: int,
+            image_shape: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (B, L); pixel_values (B, T_max, 1, C, H, W)."""
+    length = max(len(s.input_ids) for s in samples)
+    most = max(max(p.shape[0] for p in pixels), 1)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(samples), length, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    pixel_values = torch.zeros(len(samples), most, 1, *image_shape)
+    for b, (sample, sample_pixels) in enumerate(zip(samples, pixels)):
+        n = len(sample.input_ids)
+        input_ids[b, :n] = torch.tensor(sample.input_ids)
+        attention_mask[b, :n] = 1
+        labels[b, :n] = torch.tensor(sample.labels)
+        pixel_values[b, : sample_pixels.shape[0]] = sample_pixels
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}
