@@ -6,8 +6,9 @@ Run::
     python -m flamingo_train.example --out runs/example       # writes the files, prints the training command
     flamingo-train --config runs/example/config.yaml          # about a minute on a laptop CPU
 
-The synthetic images are coloured shapes and each caption names them ("a red circle."), so the frozen random LM can
-only lower its loss by reading the images: the loss falling by far more than half shows the images reach the LM.
+The synthetic images are coloured shapes and each caption names them ("a red circle."), so most of the loss can only
+be removed by reading the images. After the 100 steps the loss is about 0.2 (from 6.6), and it rises about fivefold
+when every sample is given another sample's images (tests/test_entry_points.py checks both).
 """
 
 from __future__ import annotations
