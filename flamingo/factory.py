@@ -106,7 +106,9 @@ def build_from_config(config: FlamingoConfig, directory: Path, *, dtype: torch.d
         register_model_config(config.vision_model, config.vision_model_cfg)
     vision_weights = local(config.vision_pretrained)
     saved_tower = vision_weights is not None and vision_weights.endswith(VISION_WEIGHTS_NAME)
-    vision_encoder, _, _ = load_vision_encoder(config.vision_model, None if saved_tower else vision_weights)
+    vision_encoder, _, _ = load_vision_encoder(
+        config.vision_model, None if saved_tower else vision_weights, weights_follow=saved_tower
+    )
     if saved_tower:
         from safetensors.torch import load_file
 

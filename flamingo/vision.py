@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -68,9 +69,13 @@ def preprocess_cfg_of(visual: nn.Module) -> dict[str, Any]:
 
 
 def load_vision_encoder(
-    vision_model: str | nn.Module, pretrained: str | None = None
+    vision_model: str | nn.Module, pretrained: str | None = None, *, weights_follow: bool = False
 ) -> tuple[VisionEncoder, dict[str, Any], dict[str, Any] | None]:
-    """Build the tower. Returns ``(encoder, preprocess_cfg, model_cfg)``; model_cfg is None for a model object."""
+    """Build the tower. Returns ``(encoder, preprocess_cfg, model_cfg)``; model_cfg is None for a model object.
+
+    ``weights_follow``: the caller loads the weights itself next, so open_clip's "initialized randomly" warning
+    would be wrong and is not shown.
+    """
     if isinstance(vision_model, nn.Module):
         visual = _visual_of(vision_model)
         return VisionEncoder(visual), preprocess_cfg_of(visual), None
@@ -82,9 +87,21 @@ def load_vision_encoder(
                 f"Unknown open_clip model {vision_model!r}. Use a name from open_clip.list_models(), register a config "
                 "with open_clip.add_model_config, or pass an open_clip model object."
             )
-    model = open_clip.create_model(vision_model, pretrained=pretrained)
+    quiet = _DropRandomInitWarning() if weights_follow else None
+    if quiet:
+        logging.getLogger().addFilter(quiet)  # open_clip warns through the root logger
+    try:
+        model = open_clip.create_model(vision_model, pretrained=pretrained)
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
     visual = model.visual
     return VisionEncoder(visual), preprocess_cfg_of(visual), model_cfg
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 def register_model_config(name: str, model_cfg: dict[str, Any]) -> None:

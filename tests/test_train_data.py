@@ -415,6 +415,67 @@ def test_a_resumed_loader_continues_with_the_batches_of_an_uninterrupted_one(pro
         assert torch.equal(got["labels"], want["labels"]) and torch.equal(got["pixel_values"], want["pixel_values"])
 
 
+def numbered_shards(folder, shards, per_shard, bad=()):
+    """``shards`` JSONL files of ``per_shard`` records each, numbered across files; records in ``bad`` are broken."""
+    write_images(folder, 1)
+    for s in range(shards):
+        numbers = range(s * per_shard, (s + 1) * per_shard)
+        write_jsonl(folder / f"shard-{s}.jsonl", [
+            "{broken" if i in bad else {"text": f"<image>a photo number {i}.", "images": ["img0.png"]} for i in numbers
+        ])
+    return str(folder / "shard-*.jsonl")
+
+
+def test_split_by_shards_reads_every_record_once_per_epoch_across_all_readers(processor, tmp_path):
+    path = numbered_shards(tmp_path, shards=4, per_shard=6)
+    everything = rows(take(loader(processor, path, batch_size=24, shuffle=False), 1)[0])
+    fields = dict(streaming=True, split_by="shards", num_workers=2, batch_size=3, shuffle_buffer=4)
+    # 2 processes x 2 workers = 4 readers of one file each: 2 blocks of 3 records per lane make one epoch.
+    batches = [take(loader(processor, path, rank=r, world_size=2, **fields), 4) for r in range(2)]
+    per_rank = [rows_of(b) for b in batches]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(everything)  # each record once, none missing
+    # Batches alternate between the two lanes of a rank; each lane reads only its own file.
+    shard_of_reader = {
+        (r, lane): {shard_of(processor, row, per_shard=6) for b in batches[r][lane::2] for row in rows(b)}
+        for r in range(2) for lane in range(2)
+    }
+    assert all(len(shards) == 1 for shards in shard_of_reader.values())
+    assert len(set.union(*shard_of_reader.values())) == 4
+
+
+def shard_of(processor, row, *, per_shard):
+    number = int(processor.tokenizer.decode(row, skip_special_tokens=True).split("number")[1].strip(" ."))
+    return number // per_shard
+
+
+def rows_of(batches):
+    return [row for batch in batches for row in rows(batch)]
+
+
+def test_split_by_shards_resumes_with_the_batches_of_an_uninterrupted_loader(processor, tmp_path):
+    path = numbered_shards(tmp_path, shards=4, per_shard=5, bad={1, 2, 7})
+    fields = dict(streaming=True, split_by="shards", num_workers=2, batch_size=2, shuffle_buffer=3, rank=1,
+                  world_size=2)
+    expected = take(loader(processor, path, **fields), 8)
+    seen, state = [], None
+    for steps in (3, 5):
+        tracker = PositionTracker()
+        if state is not None:
+            tracker.load_state_dict(state)
+        for batch in take(loader(processor, path, start=state, **fields), steps):
+            tracker.update(batch["position"])
+            seen.append(batch)
+        state = json.loads(json.dumps(tracker.state_dict()))
+    assert [rows(b) for b in seen] == [rows(b) for b in expected]
+    assert [b["skipped"] for b in seen] == [b["skipped"] for b in expected]
+
+
+def test_split_by_shards_with_fewer_files_than_readers_is_refused(processor, tmp_path):
+    path = numbered_shards(tmp_path, shards=2, per_shard=3)
+    with pytest.raises(ValueError, match="split_by='shards' needs at least one file per reader"):
+        loader(processor, path, streaming=True, split_by="shards", num_workers=2, world_size=2)
+
+
 def test_resuming_with_a_different_number_of_workers_is_refused(processor, tmp_path):
     path = numbered_dataset(tmp_path, 6)
     tracker = PositionTracker()

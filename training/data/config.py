@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 FORMATS = ("simple", "obelics", "pairs", "webdataset")
+SPLIT_BY = ("auto", "records", "shards")
 
 
 @dataclass
@@ -32,6 +33,11 @@ class DataConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 2
     image_root: str | None = None
+    # How a streaming dataset is divided among processes and workers. "records": every reader walks the whole stream
+    # and keeps its share of each global batch (N processes see exactly what one process sees). "shards": each reader
+    # streams only its own files, so reading does not grow with the number of readers (web-scale pretraining).
+    # "auto": "shards" when streaming from at least as many files as readers, else "records".
+    split_by: str = "auto"
 
     def __post_init__(self) -> None:
         where = f"DataConfig {self.name!r}"
@@ -47,6 +53,8 @@ class DataConfig:
                              ("num_workers", 0)):
             if getattr(self, field) < least:
                 raise ValueError(f"{where}: {field} must be >= {least}, got {getattr(self, field)}.")
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"{where}: split_by must be one of {SPLIT_BY}, got {self.split_by!r}.")
         if self.loss_weight < 0:
             raise ValueError(f"{where}: loss_weight must be >= 0, got {self.loss_weight}.")
 

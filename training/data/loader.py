@@ -17,6 +17,12 @@ records are all bad is not emitted, and its worker goes on to its next block. Wi
 record raises ValueError naming the dataset, file and line/row/key. A worker that finds no usable record in two
 epochs raises ValueError with the skip counts (a wrong ``format`` would otherwise spin forever).
 
+Split by shards. Streaming from many files (web-scale shards), reading the whole stream in every reader would cost
+``world_size * num_workers`` times the I/O. With ``split_by="shards"`` (the default ``"auto"`` picks it when there
+are at least as many files as readers) reader ``rank * N + w`` streams only files ``rank * N + w``, ``+ W N``, ... of
+each epoch's shuffled file order, and its batches are consecutive records of its own files. Global batches then
+depend on the number of readers, as in every web-scale loader; resuming is still exact.
+
 Resume. Every batch carries ``position``: its lane, the lane's next block, and the loader's starting point.
 :class:`PositionTracker` folds them into a state; ``build_dataloader(..., start=tracker.state_dict())`` restarts
 each lane at its next block and the round-robin at the lane after the last batch consumed, so the batches that
@@ -82,8 +88,10 @@ class _Batches(IterableDataset):
     """Yields finished batches (see the module docstring); used with ``DataLoader(batch_size=None)``."""
 
     def __init__(self, config: DataConfig, processor: FlamingoProcessor, parts: list[Part], *, rank: int,
-                 world_size: int, seed: int, strict: bool, lanes: int, start_blocks: list[int], first_lane: int):
+                 world_size: int, seed: int, strict: bool, lanes: int, start_blocks: list[int], first_lane: int,
+                 split_shards: bool = False):
         self.config, self.processor, self.parts = config, processor, parts
+        self.split_shards = split_shards
         self.table = RandomAccess(parts) if not config.streaming else None
         self.rank, self.world_size, self.seed, self.strict = rank, world_size, seed, strict
         self.lanes, self.start_blocks, self.first_lane = lanes, start_blocks, first_lane
@@ -112,12 +120,19 @@ class _Batches(IterableDataset):
             records.append(self.table.get(int(orders[epoch][offset])))
         return records
 
-    def _stream(self) -> Iterator[tuple[str, Any, Any]]:
-        """The endless streaming order: epoch after epoch of (shuffled files, buffer-shuffled records)."""
+    def _stream(self, slot: int | None = None, slots: int = 1) -> Iterator[tuple[str, Any, Any]]:
+        """The endless streaming order: epoch after epoch of (shuffled files, buffer-shuffled records).
+
+        With ``slot`` (split by shards), only files ``slot, slot + slots, ...`` of each epoch's file order are read,
+        with a buffer shuffle of the reader's own.
+        """
         epoch = 0
         while True:
             rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(len(self.parts)) if self.config.shuffle else range(len(self.parts))
+            order = rng.permutation(len(self.parts)) if self.config.shuffle else np.arange(len(self.parts))
+            if slot is not None:
+                order = order[slot::slots]
+                rng = np.random.default_rng([self.seed, epoch, 1 + slot])
             records = ((origin, raw, self.parts[p].root) for p in order for origin, raw in self.parts[p].iterate())
             if self.config.shuffle:
                 records = _buffer_shuffle(records, self.config.shuffle_buffer, rng)
@@ -136,7 +151,10 @@ class _Batches(IterableDataset):
         lane = (self.first_lane + (info.id if info is not None else 0)) % self.lanes
         block = self.start_blocks[lane]
         orders: dict[int, np.ndarray] = {}
-        stream = self._stream() if self.config.streaming else None
+        if self.split_shards:
+            stream = self._stream(slot=self.rank * self.lanes + lane, slots=self.world_size * self.lanes)
+        else:
+            stream = self._stream() if self.config.streaming else None
         stream_position = 0
         skipped: Counter = Counter()
         self._epoch_length = len(self.table) if self.table is not None else None  # streaming: known after epoch 0
@@ -146,6 +164,15 @@ class _Batches(IterableDataset):
             mine = [first + self.rank + self.world_size * j for j in range(self.config.batch_size)]
             if stream is None:
                 records = self._random_access_records(mine, orders)
+            elif self.split_shards:
+                # This lane's j-th block (block = lane + j * lanes) is records [j B, (j + 1) B) of its own files.
+                own_first = (block // self.lanes) * self.config.batch_size
+                records = []
+                while stream_position < own_first + self.config.batch_size:
+                    record = next(stream)
+                    if stream_position >= own_first:
+                        records.append(record)
+                    stream_position += 1
             else:
                 wanted, records = set(mine), []
                 while stream_position < first + self.global_batch:
@@ -242,6 +269,15 @@ def build_dataloader(config: DataConfig, processor: FlamingoProcessor, *, rank: 
     if config.num_workers > 0:
         # Workers fork after the tokenizer has been used here; its thread pool must not be inherited.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    readers = world_size * lanes
+    split_shards = config.streaming and readers > 1 and config.split_by != "records"
+    if split_shards and len(parts) < readers:
+        if config.split_by == "shards":
+            raise ValueError(
+                f"DataConfig {config.name!r}: split_by='shards' needs at least one file per reader, but there are "
+                f"{len(parts)} file(s) for {world_size} process(es) x {lanes} worker lane(s)."
+            )
+        split_shards = False  # "auto": too few files to give every reader its own
     dataset = _Batches(config, processor, parts, rank=rank, world_size=world_size, seed=seed, strict=strict,
-                       lanes=lanes, start_blocks=start_blocks, first_lane=first_lane)
+                       lanes=lanes, start_blocks=start_blocks, first_lane=first_lane, split_shards=split_shards)
     return DataLoader(dataset, batch_size=None, num_workers=config.num_workers)
