@@ -56,6 +56,13 @@ def class_log_probs(
     first_log_probs = prefix.logits[:, -1].float().log_softmax(-1)  # (B, V): predicts each class's first token
     prefix_length = mask.sum(-1)  # (B,)
 
+    images_before = prefix.images_seen
+    if model.config.cross_attention.only_attend_immediate_media and bool((images_before > 0).all()):
+        # The class tokens attend only to the query image (the last one seen): pass just its latents, so the
+        # B * class_batch_size copies below carry one image each, not all k + 1 (33 at 32 shots). Same scores.
+        media = media[torch.arange(batch, device=media.device), images_before.to(media.device) - 1][:, None]
+        images_before = torch.ones_like(images_before)
+
     tokens = class_token_ids(tokenizer, class_names)
     scores = torch.empty(batch, len(tokens))
     for start in range(0, len(tokens), class_batch_size):
@@ -78,7 +85,7 @@ def class_log_probs(
             attention_mask=attention,
             media=media.repeat_interleave(c, 0),
             past_key_values=cache,
-            images_before=prefix.images_seen.repeat_interleave(c),
+            images_before=images_before.repeat_interleave(c),
             use_cache=True,
             **extra,
         )

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--predictions", type=Path, required=True)
     score.add_argument("--annotations", type=Path, required=True)
     score.add_argument("--questions", type=Path, default=None)
+    score.add_argument(
+        "--subset", action="store_true", help="score only the annotated items that have a prediction (--num-samples runs)"
+    )
     return parser
 
 
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "score":
             from .score import score_files
 
-            print(json.dumps(score_files(args.task, args.predictions, args.annotations, args.questions)))
+            print(json.dumps(score_files(args.task, args.predictions, args.annotations, args.questions, subset=args.subset)))
         else:
             from .results import markdown_table
             from .runner import Evaluator

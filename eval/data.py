@@ -22,7 +22,8 @@ Expected layout per task (``<dir>`` is the task folder)::
                    <dir>/v2_mscoco_val2014_annotations.json              test_annotations  ("" in paths: no answers,
                    <dir>/train2014/, <dir>/val2014/      train_image_dir, test_image_dir           e.g. test-dev)
                    image file = COCO_<data_subtype>_<image_id:012d>.jpg (data_subtype from the questions file, else
-                   the image folder's name); id = question_id; answers = the 10 human answers.
+                   the image folder's name; test-dev2015 reads test2015 files); id = question_id; answers = the 10
+                   human answers.
     okvqa          <dir>/OpenEnded_mscoco_train2014_questions.json, <dir>/mscoco_train2014_annotations.json,
                    <dir>/OpenEnded_mscoco_val2014_questions.json, <dir>/mscoco_val2014_annotations.json,
                    <dir>/train2014/, <dir>/val2014/      same keys and rules as vqav2.
@@ -41,8 +42,9 @@ Expected layout per task (``<dir>`` is the task folder)::
                                                                         image_dir pointing at img/ works too.)
     imagenet       <dir>/train/<class_dir>/*.JPEG        train_dir      ImageFolder layout; label = index of
                    <dir>/val/<class_dir>/*.JPEG          test_dir       class_dir in the sorted train class dirs;
-                   <dir>/class_names.json                class_names    {"n01440764": "tench", ...}, or a text
-                                                                        file of "<class_dir> <name>" lines;
+                   <dir>/class_names.json                class_names    {"n01440764": "tench", ...}, a list of
+                                                                        names in sorted class_dir order, or a
+                                                                        text file of "<class_dir> <name>" lines;
                    id = the image path relative to train_dir / test_dir ("n01440764/x.JPEG").
     custom         <dir>/train.jsonl, <dir>/test.jsonl   train_jsonl, test_jsonl; images relative to the file.
                    custom_kind="caption": {"id"?, "image", "caption" | "captions": [...]}
@@ -51,11 +53,13 @@ Expected layout per task (``<dir>`` is the task folder)::
 
 Image files are opened later, by ``flamingo.processing.load_image``; here only the image folders and each split's
 first image are checked, so that a wrong layout fails at once without a stat call for every one of 100k images.
+The evaluated split's ids must be unique: scores and prediction files are keyed by them.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -188,6 +192,14 @@ def load_task_data(
             raise ValueError(f"Task {task!r}: the {split} split is empty (files: {_describe(layout)})")
         if not examples[0].image.is_file():
             raise ValueError(f"Task {task!r}: image {examples[0].image} of {split} example {examples[0].id!r} not found")
+    # Scores and predictions are keyed by id: a repeated query id would silently drop queries from the metric.
+    counts = Counter(str(e.id) for e in data.query)
+    repeated = [e.id for e in data.query if counts[str(e.id)] > 1]
+    if repeated:
+        raise ValueError(
+            f"Task {task!r}: the query split repeats ids {repeated[:5]} ({len(repeated)} examples; files: "
+            f"{_describe(layout)}); every evaluated example needs its own id."
+        )
     return data
 
 
@@ -300,6 +312,8 @@ def _vqa_split(questions_path: Path, annotations_path: Path | None, image_dir: P
     image_dir = _need(image_dir, f"{what}_image_dir", folder=True)
     # The questions file names its COCO subset ("train2014"); OpenFlamingo reads it off the folder name instead.
     subtype = questions_data.get("data_subtype") or image_dir.name
+    if subtype.startswith("test-dev"):  # test-dev2015 is a subset of test2015, whose files are COCO_test2015_*.jpg
+        subtype = "test" + subtype[len("test-dev") :]
     answers: dict[Any, tuple[str, ...]] = {}
     if annotations_path is not None:
         annotations = list_field(read_json(annotations_path, f"{what}_annotations"), "annotations", annotations_path)
@@ -412,13 +426,21 @@ def _read_hateful_memes(layout, _kind) -> TaskData:
     )
 
 
-def read_class_names(path: Path) -> dict[str, str]:
-    """class_dir -> readable name, from a JSON object or from "<class_dir> <name>" lines (LOC_synset_mapping.txt)."""
+def read_class_names(path: Path, class_dirs: list[str]) -> dict[str, str]:
+    """class_dir -> readable name, from a JSON object, from "<class_dir> <name>" lines (LOC_synset_mapping.txt), or
+    from a JSON list of names in the order of the sorted ``class_dirs`` (OpenFlamingo's / CLIP's ImageNet list)."""
     path = _need(Path(path), "class_names")
     if path.suffix == ".json":
         names = read_json(path, "class_names")
+        if isinstance(names, list) and all(isinstance(v, str) for v in names):
+            if len(names) != len(class_dirs):
+                raise ValueError(f"{path}: lists {len(names)} class names for {len(class_dirs)} class folders")
+            return dict(zip(class_dirs, names))
         if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
-            raise ValueError(f"{path}: expected a JSON object mapping class folder names to class names")
+            raise ValueError(
+                f"{path}: expected a JSON object mapping class folder names to class names, or a list of class names "
+                "in the order of the sorted class folders"
+            )
         return names
     names = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -435,7 +457,7 @@ def _read_imagenet(layout, _kind) -> TaskData:
     train_dir = _need(layout["train_dir"], "train_dir", folder=True)
     test_dir = _need(layout["test_dir"], "test_dir", folder=True)
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    names = read_class_names(layout["class_names"])
+    names = read_class_names(layout["class_names"], classes)
     unnamed = [c for c in classes if c not in names]
     if unnamed:
         raise ValueError(f"{layout['class_names']}: no name for class folders {unnamed[:5]} ({len(unnamed)} in all)")

@@ -9,6 +9,7 @@ Example::
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig
 
 from .tasks import TaskSpec
 
@@ -23,14 +24,21 @@ def generate_answers(model, tokenizer, *, prompts: list[str], media: torch.Tenso
     """
     encoded = tokenizer(prompts, padding="longest", padding_side="left", return_tensors="pt")
     input_ids = encoded["input_ids"].to(model.device)
-    output = model.generate(
-        input_ids,
-        attention_mask=encoded["attention_mask"].to(model.device),
-        media=media,
-        max_new_tokens=spec.max_new_tokens,
-        num_beams=spec.num_beams,
-        length_penalty=spec.length_penalty,
-        do_sample=False,
-    )
+    # HF fills every setting not given here from the LM's generation_config.json, where instruct models ship
+    # repetition penalties, n-gram bans, minimum lengths, sampling...; the protocol's decoding is these settings only.
+    lang_model = model.lang_model
+    own_config, lang_model.generation_config = lang_model.generation_config, GenerationConfig()
+    try:
+        output = model.generate(
+            input_ids,
+            attention_mask=encoded["attention_mask"].to(model.device),
+            media=media,
+            max_new_tokens=spec.max_new_tokens,
+            num_beams=spec.num_beams,
+            length_penalty=spec.length_penalty,
+            do_sample=False,
+        )
+    finally:
+        lang_model.generation_config = own_config
     continuations = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
     return [{"raw": text, "prediction": spec.postprocess(text)} for text in continuations]

@@ -49,10 +49,30 @@ class ProgressLog:
 
     def append(self, batch: int, records: list[dict]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_line()
         with open(self.path, "a") as f:
             f.write(json.dumps({"batch": batch, "records": records}) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def _drop_partial_line(self) -> None:
+        # A kill mid-write leaves a last line without its newline; appending after it would glue the next batch onto
+        # it and make a corrupt line in the middle of the log, which a later resume refuses to read.
+        if not self.path.is_file():
+            return
+        with open(self.path, "rb+") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                start = data.rfind(b"\n") + 1
+                try:
+                    json.loads(data[start:])
+                    f.write(b"\n")  # killed just before the newline: the batch is complete, keep it
+                except json.JSONDecodeError:
+                    f.truncate(start)
 
 
 def summarize(trials: list[dict]) -> list[dict]:

@@ -96,20 +96,23 @@ class MediaCache:
         for start in range(0, len(paths), self.chunk):
             part = paths[start : start + self.chunk]
             pixels = self.processor.preprocess_images([[p] for p in part]).to(self.model.device, self.model.dtype)
-            out.extend(self.model.encode_media(pixels)[:, 0])  # (n, d) each
+            # (n, d) each; cloned, since a view would keep its whole chunk's latents alive after its own eviction.
+            out.extend(latents.clone() for latents in self.model.encode_media(pixels)[:, 0])
             self.encoded += len(part)
         return out
 
     def media(self, image_lists: list[list]) -> torch.Tensor:
         if self.enabled:
-            missing = list(
-                dict.fromkeys(str(p) for images in image_lists for p in images if str(p) not in self._latents)
-            )
+            keys = list(dict.fromkeys(str(p) for images in image_lists for p in images))
+            missing = [key for key in keys if key not in self._latents]
             for key, latents in zip(missing, self._encode(missing)):
                 self._latents[key] = latents
+            for key in keys:  # recently used: the demo pool's images stay while the queries stream past
+                self._latents.move_to_end(key)
+            # Look up before evicting, so a batch larger than the cache still gets all its images.
+            lookup = {key: self._latents[key] for key in keys}
             while len(self._latents) > self.max_items:
                 self._latents.popitem(last=False)
-            lookup = {str(p): self._latents[str(p)] for images in image_lists for p in images}
         else:
             flat = [p for images in image_lists for p in images]
             lookup = dict(zip(map(str, flat), self._encode(flat)))
@@ -164,7 +167,12 @@ class Evaluator:
                 query_positions = self._query_positions(len(data.query), seed)
                 queries = [data.query[i] for i in query_positions]
                 if cfg.rices:
-                    sampler = RicesDemos(data.support, support_features, self._features(queries, f"{task} queries"))
+                    sampler = RicesDemos(
+                        data.support,
+                        support_features,
+                        self._features(queries, f"{task} queries"),
+                        max_k=max([*cfg.shots, spec.zero_shot_text_demos]),
+                    )
                 else:
                     sampler = RandomDemos(data.support, query_set_size=cfg.query_set_size, seed=seed)
                 for shots in cfg.shots:
@@ -255,13 +263,13 @@ class Evaluator:
             raise RuntimeError(f"{desc}: gathered {len(records)} records for {len(by_index)} of {len(queries)} queries.")
         ordered = [by_index[i] for i in range(len(queries))]
         predictions = prediction_records(task, queries, ordered)
+        predictions_file = None
+        if cfg.predictions_dir is not None:  # before scoring, so a metric that cannot be computed keeps the outputs
+            name = f"{task}-{shots}shot-seed{seed}{'-rices' if cfg.rices else ''}.json"
+            predictions_file = write_predictions(task, predictions, Path(cfg.predictions_dir) / name)
         value = None
         if spec.kind == "classification" or all(q.answers for q in queries):  # no answers: e.g. a test-dev export
             (value,) = score_records(task, predictions, queries, stem=spec.stem).values()
-        predictions_file = None
-        if cfg.predictions_dir is not None:
-            name = f"{task}-{shots}shot-seed{seed}{'-rices' if cfg.rices else ''}.json"
-            predictions_file = write_predictions(task, predictions, Path(cfg.predictions_dir) / name)
         return {
             "task": task,
             "shots": shots,

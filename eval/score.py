@@ -70,7 +70,8 @@ def write_predictions(task: str, records: Sequence[dict], path: Path) -> Path:
     if not all(isinstance(r, dict) for r in records):
         raise ValueError(f"write_predictions({task!r}): records must be dicts from prediction_record")
     path = Path(path)
-    atomic_write_text(path, json.dumps(records, ensure_ascii=False))
+    # ASCII escapes: the same JSON to every reader, and no UnicodeEncodeError where the locale is C (batch jobs).
+    atomic_write_text(path, json.dumps(records))
     return path
 
 
@@ -95,9 +96,11 @@ def _predictions(path: Path, id_keys: Sequence[str], value_keys: Sequence[str], 
     return found
 
 
-def _check_ids(predictions: dict[str, Any], annotations: dict[str, Any], predictions_path: Path, annotations_path: Path) -> None:
+def _check_ids(predictions: dict[str, Any], annotations: dict[str, Any], predictions_path: Path, annotations_path: Path,
+               *, subset: bool = False) -> dict[str, Any]:
+    """The annotations to score against: all of them, or with ``subset`` only those that have a prediction."""
     missing = [i for i in annotations if i not in predictions]
-    if missing:
+    if missing and not subset:
         raise ValueError(
             f"{predictions_path}: no prediction for {len(missing)} of the {len(annotations)} items of "
             f"{annotations_path}, e.g. ids {missing[:5]}"
@@ -108,6 +111,9 @@ def _check_ids(predictions: dict[str, Any], annotations: dict[str, Any], predict
             f"{predictions_path}: {len(unknown)} prediction(s) for ids that {annotations_path} does not have, "
             f"e.g. {unknown[:5]}"
         )
+    if not predictions:
+        raise ValueError(f"{predictions_path}: no predictions")
+    return {i: annotations[i] for i in predictions} if subset else annotations
 
 
 def caption_references(task: str, path: Path) -> dict[str, list[str]]:
@@ -178,28 +184,41 @@ def vqa_answers(task: str, path: Path, questions: Path | None = None) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------------ scoring
-def score_files(task: str, predictions: Path, annotations: Path, questions: Path | None = None) -> dict[str, float]:
-    """Score a results file: {"cider": x} (captioning), {"accuracy": x} (VQA) or {"roc_auc": x} (HatefulMemes)."""
+def score_files(
+    task: str, predictions: Path, annotations: Path, questions: Path | None = None, *, subset: bool = False
+) -> dict[str, float]:
+    """Score a results file: {"cider": x} (captioning), {"accuracy": x} (VQA) or {"roc_auc": x} (HatefulMemes).
+
+    Every annotated item needs a prediction, unless ``subset``: then only the predicted items are scored (a run with
+    ``--num-samples``), as COCOEvalCap does; CIDEr's document frequencies then come from those items' references.
+    """
     if task not in SCORED_TASKS:
         raise ValueError(f"score_files: task must be one of {', '.join(SCORED_TASKS)}, got {task!r}")
     predictions, annotations = Path(predictions), Path(annotations)
     if task in CAPTION_TASKS:
         references = caption_references(task, annotations)
         captions = _predictions(predictions, ["image_id"], ["caption"], str)
-        _check_ids(captions, references, predictions, annotations)
+        references = _check_ids(captions, references, predictions, annotations, subset=subset)
         return {"cider": cider(captions, references)}
     if task in VQA_TASKS:
+        if task == "okvqa":  # a missing stemming package is a setup error: one line, as for a bad file
+            from .metrics.okvqa_stem import stem_backend
+
+            try:
+                stem_backend()
+            except ImportError as error:
+                raise ValueError(f"okvqa: {error}") from error
         answers = vqa_answers(task, annotations, Path(questions) if questions is not None else None)
         id_keys = ["question_id", "image"] if task == "vizwiz" else ["question_id"]
         predicted = _predictions(predictions, id_keys, ["answer"], str)
-        _check_ids(predicted, answers, predictions, annotations)
+        answers = _check_ids(predicted, answers, predictions, annotations, subset=subset)
         return {"accuracy": vqa_accuracy(predicted, answers, stem=task == "okvqa")}
     labels: dict[str, int] = {}
     for index, record in enumerate(read_jsonl(annotations, "annotations")):
         where = f"{annotations}, record {index}"
         labels[_key(field_of(record, "id", where))] = field_of(record, "label", where, int)
     scores = _predictions(predictions, ["id"], ["score", "proba"], (int, float))
-    _check_ids(scores, labels, predictions, annotations)
+    labels = _check_ids(scores, labels, predictions, annotations, subset=subset)
     ids = list(labels)
     return {"roc_auc": roc_auc([labels[i] for i in ids], [scores[i] for i in ids])}
 

@@ -16,6 +16,8 @@ def _atomic_replace(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as written:  # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -23,7 +25,8 @@ def _atomic_replace(path: Path, write) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text))
+    # UTF-8 whatever the locale (a C-locale batch job would otherwise fail on the first non-ASCII caption).
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

@@ -229,17 +229,27 @@ class Flamingo(nn.Module):
             )
 
     # ------------------------------------------------------------------------------------------ saving
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights a saved model stores: the Flamingo modules plus ``config.saved_lang_params``."""
+    def trainable_state_dict(self, full_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The weights a saved model stores: the Flamingo modules plus ``config.saved_lang_params``.
+
+        ``full_state_dict``: take the values from this whole-model state dict (e.g. ``accelerator.get_state_dict``
+        gathered from FSDP shards) instead of from the modules, whose parameters may be shards.
+        """
         state = {
             f"{prefix}.{key}": value
             for prefix, module in self.trainable_modules().items()
             for key, value in module.state_dict().items()
         }
-        lang_state = self.lang_model.state_dict()
-        for name in self.config.saved_lang_params:
-            state[f"lang_model.{name}"] = lang_state[name]
-        return state
+        if self.config.saved_lang_params:
+            lang_state = self.lang_model.state_dict()
+            for name in self.config.saved_lang_params:
+                state[f"lang_model.{name}"] = lang_state[name]
+        if full_state_dict is None:
+            return state
+        missing = sorted(set(state) - set(full_state_dict))
+        if missing:
+            raise ValueError(f"The given state dict lacks trainable weights: {missing[:10]}.")
+        return {key: full_state_dict[key] for key in state}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load what :meth:`trainable_state_dict` produced; every expected key must be present."""
@@ -254,16 +264,22 @@ class Flamingo(nn.Module):
         if lang_part:
             self.lang_model.load_state_dict(lang_part, strict=False)
 
-    def save_pretrained(self, directory: str | Path, *, save_backbones: bool = False) -> None:
+    def save_pretrained(
+        self, directory: str | Path, *, save_backbones: bool = False, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Write ``config.json`` and ``model.safetensors`` (trainable weights) to ``directory``.
 
         By default the backbones are stored by reference (open_clip name + pretrained tag or file, LM hub id or
         path). ``save_backbones=True`` also writes the LM (``language_model/``) and the vision tower
-        (``vision_model.safetensors``), so the directory is self-contained.
+        (``vision_model.safetensors``), so the directory is self-contained. ``state_dict``: the whole model's
+        weights gathered from a sharded wrapper (``accelerator.get_state_dict(model)`` under FSDP), saved instead
+        of this module's own parameters.
         """
         from .pretrained import save_model
 
-        save_model(self, Path(directory), save_backbones=save_backbones)
+        if state_dict is not None and save_backbones:
+            raise ValueError("save_backbones=True saves this module's own backbones; it cannot take a state_dict.")
+        save_model(self, Path(directory), save_backbones=save_backbones, state_dict=state_dict)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs) -> Flamingo:

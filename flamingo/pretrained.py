@@ -21,7 +21,7 @@ from .io import atomic_save_safetensors
 from .modeling import WEIGHTS_NAME, Flamingo
 
 
-def save_model(model: Flamingo, directory: Path, *, save_backbones: bool) -> None:
+def save_model(model: Flamingo, directory: Path, *, save_backbones: bool, state_dict: dict | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     if save_backbones:
@@ -36,7 +36,8 @@ def save_model(model: Flamingo, directory: Path, *, save_backbones: bool) -> Non
             "This model was built from backbone objects, so config.json cannot refer to them by name; "
             "use save_pretrained(directory, save_backbones=True)."
         )
-    atomic_save_safetensors(directory / WEIGHTS_NAME, model.trainable_state_dict(), metadata={"format": "pt"})
+    weights = model.trainable_state_dict(state_dict)
+    atomic_save_safetensors(directory / WEIGHTS_NAME, weights, metadata={"format": "pt"})
     config.save(directory)  # last: a directory with a config is complete
 
 

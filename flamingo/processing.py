@@ -57,7 +57,8 @@ def load_image(image: ImageLike) -> Image.Image:
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
             return opened.convert("RGB")
-    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError) as error:
+    # DecompressionBombError (an absurdly large or corrupt header) is not an OSError.
+    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"Cannot read image {name}: {error}") from error
 
 

@@ -105,6 +105,14 @@ def test_undecodable_image_bytes_raise_value_error(llama):
         llama[1](text="<image>a", images=[b"not a png"])
 
 
+def test_an_image_over_pils_decompression_bomb_limit_is_named_in_the_error(llama, tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    random_images(1, size=40)[0].save(path)
+    monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 100)  # 40 x 48 is over twice this: PIL refuses to open it
+    with pytest.raises(ValueError, match="Cannot read image " + re.escape(str(path))):
+        llama[1](text="<image>a", images=[path])
+
+
 def test_interleaved_input_rejects_items_that_are_neither_text_nor_image(llama):
     with pytest.raises(ValueError, match="got int"):
         llama[1]([random_images(1)[0], "a", 3])

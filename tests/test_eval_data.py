@@ -65,6 +65,20 @@ def test_vqa_test_annotations_can_be_left_out_for_test_dev(root):
     assert all(e.answers == () and e.question for e in data.query)
 
 
+def test_vqa_test_dev_questions_name_their_images_after_the_test2015_folder(root, tmp_path):
+    # v2_OpenEnded_mscoco_test-dev2015_questions.json says data_subtype "test-dev2015", but its images are test2015's.
+    questions = json.loads((root / "vqav2" / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    questions["data_subtype"] = "test-dev2015"
+    (tmp_path / "test-dev.json").write_text(json.dumps(questions))
+    image_dir = tmp_path / "test2015"
+    image_dir.mkdir()
+    for q in questions["questions"]:
+        shutil.copy(next((root / "vqav2" / "val2014").iterdir()), image_dir / f"COCO_test2015_{q['image_id']:012d}.jpg")
+    paths = {"test_questions": str(tmp_path / "test-dev.json"), "test_annotations": ""}
+    data = _load("vqav2", root, paths={**paths, "test_image_dir": str(image_dir)})
+    assert all(e.image.is_file() and e.image.name.startswith("COCO_test2015_") for e in data.query)
+
+
 def test_textvqa_and_vizwiz_read_their_native_formats(root):
     textvqa = _load("textvqa", root)
     assert all(e.image.parent.name == "train_images" and len(e.answers) == 10 for e in textvqa.query)
@@ -95,6 +109,16 @@ def test_custom_jsonl_loads_as_captions_or_as_vqa(root):
     vqa = load_task_data("custom", data_dir=root, custom_kind="vqa")
     assert all(len(e.answers) == 2 and e.question is None for e in captions.query)
     assert all(len(e.answers) == 10 and e.question for e in vqa.query)
+
+
+def test_repeated_query_ids_are_an_error_naming_them(root, tmp_path):
+    # Scores are keyed by id: two test lines with one "id" once scored only the last of them, silently.
+    shutil.copytree(root / "custom", tmp_path / "custom")
+    lines = (tmp_path / "custom" / "test.jsonl").read_text().splitlines()
+    lines = [json.dumps({**json.loads(line), "id": "same"}) for line in lines]
+    (tmp_path / "custom" / "test.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="repeats ids \\['same'"):
+        _load("custom", tmp_path)
 
 
 def test_custom_needs_a_kind(root):
@@ -163,3 +187,15 @@ def test_release_folder_name_variants_are_found(root, tmp_path):
 def test_hateful_memes_image_dir_may_point_at_the_img_folder_as_in_openflamingo(root):
     data = _load("hateful_memes", root, paths={"image_dir": str(root / "hateful_memes" / "img")})
     assert [e.image for e in data.query] == [e.image for e in _load("hateful_memes", root).query]
+
+
+def test_imagenet_class_names_may_be_a_list_in_sorted_folder_order(tmp_path):
+    root = write_fixture_data(tmp_path / "data", tasks=("imagenet",), num_support=4, num_query=3)
+    names_file = root / "imagenet" / "class_names.json"
+    mapping = json.loads(names_file.read_text())
+    expected = load_task_data("imagenet", data_dir=root).class_names
+    names_file.write_text(json.dumps([mapping[folder] for folder in sorted(mapping)]))
+    assert load_task_data("imagenet", data_dir=root).class_names == expected
+    names_file.write_text(json.dumps(list(mapping.values())[:-1]))
+    with pytest.raises(ValueError, match=r"class_names\.json: lists \d+ class names for \d+ class folders"):
+        load_task_data("imagenet", data_dir=root)

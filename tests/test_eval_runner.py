@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from flamingo_eval.classification import class_log_probs, class_log_probs_refere
 from flamingo_eval.cli import main
 from flamingo_eval.data import Example, default_layout, load_task_data
 from flamingo_eval.demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
-from flamingo_eval.results import summarize
+from flamingo_eval.results import ProgressLog, summarize
 from flamingo_eval.runner import EvalConfig, Evaluator, MediaCache, load_model
 from flamingo_eval.score import score_files
 from flamingo_eval.tasks import TASK_SPECS, get_task_spec
@@ -133,6 +134,73 @@ def test_rices_picks_the_k_most_similar_with_the_most_similar_last():
         assert [d.id for d in rices.select(query_index=q, query=None, k=3)] == order[-3:]
 
 
+def test_rices_searches_the_support_features_once_per_block_of_queries_for_every_shot_count():
+    # Per query and shot count, a product with the whole (N_support, D) matrix took hours for ImageNet's train set.
+    from torch.overrides import TorchFunctionMode
+
+    class CountProducts(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if any(a is support_features or getattr(a, "_base", None) is support_features for a in args):
+                CountProducts.count += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    support = [Example(id=i, image=Path(f"{i}.jpg")) for i in range(40)]
+    support_features = torch.nn.functional.normalize(torch.randn(40, 8), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
+    rices = RicesDemos(support, support_features, queries, max_k=8)
+    with CountProducts():
+        picks = {k: [rices.select(query_index=q, query=None, k=k) for q in range(30)] for k in (2, 4, 8)}
+    assert CountProducts.count <= 2
+    for k, rows in picks.items():
+        for q, demos in enumerate(rows):
+            order = sorted(range(40), key=lambda i: float(support_features[i] @ queries[q]))
+            assert [d.id for d in demos] == order[-k:]
+
+
+def test_rices_features_embed_each_image_file_once_when_questions_share_images(loaded, data_dir):
+    # The VQA fixture has two questions per image, as VQAv2 has five.
+    model, processor = loaded
+    support = load_task_data("vqav2", data_dir=data_dir).support
+    images = [e.image for e in support]
+    assert len(set(images)) < len(images)
+    embedder = ImageEmbedder.from_flamingo(model, processor)
+    calls = []
+    embed = embedder.embed
+    embedder.embed = lambda paths, **kw: calls.append(len(paths)) or embed(paths, **kw)
+    features = cached_features(support, embedder, cache_dir=None)
+    assert calls == [len(set(images))] and features.shape[0] == len(support)
+    torch.testing.assert_close(features, embed(images))
+
+
+def test_rices_feature_images_are_decoded_on_several_threads_in_order(loaded, data_dir, monkeypatch):
+    # One thread decoding ImageNet's 1.28M training images took hours before the first feature was cached.
+    import threading
+    import time
+
+    import flamingo_eval.demos as demos
+
+    model, processor = loaded
+    monkeypatch.setattr(demos.os, "cpu_count", lambda: 4)
+    threads = set()
+
+    def load_image(path):
+        threads.add(threading.get_ident())
+        time.sleep(0.05)  # long enough that one thread cannot take every image of a batch
+        return real_load_image(path)
+
+    real_load_image = demos.load_image
+    monkeypatch.setattr(demos, "load_image", load_image)
+    support = load_task_data("coco", data_dir=data_dir).support
+    embedder = ImageEmbedder.from_flamingo(model, processor)
+    features = embedder.embed([e.image for e in support], batch_size=4)
+    assert len(threads) > 1
+    monkeypatch.setattr(demos, "load_image", real_load_image)
+    torch.testing.assert_close(features, torch.cat([embedder.embed([e.image], batch_size=1) for e in support]))
+
+
 def test_rices_features_are_cached_on_disk_keyed_by_examples_and_encoder(loaded, data_dir, tmp_path):
     model, processor = loaded
     support = load_task_data("coco", data_dir=data_dir).support
@@ -168,6 +236,50 @@ def test_prefix_cached_class_scores_equal_a_full_forward_per_class(tiny_vision, 
     assert not torch.allclose(changed, cached)
 
 
+@pytest.mark.parametrize("immediate", [True, False])
+def test_class_chunks_carry_only_the_query_image_when_tokens_attend_to_it_alone(tiny_vision, tiny_lm_dir, immediate):
+    # 1000 classes at 32 shots: every (sample, class) row once carried all 33 images' latents through the blocks.
+    model, processor = build_tiny_model(tiny_vision, tiny_lm_dir("llama"), immediate=immediate)
+    a, b, c = random_images(3, seed=4)
+    prompts = ["<image>Output:tench<|endofchunk|><image>Output:", "<image>Output:"]
+    images = [[a, b], [c]]
+    media = model.encode_media(processor.preprocess_images(images))
+    names = ["tench", "goldfish", "great white shark"]
+    slots = []
+    forward = model.forward
+    model.forward = lambda *args, **kw: slots.append(kw["media"].shape[1]) or forward(*args, **kw)
+    try:
+        cached = class_log_probs(model, processor.tokenizer, prompts=prompts, media=media, class_names=names)
+    finally:
+        del model.forward
+    assert slots == [2, 1 if immediate else 2]  # the prompt, then the class chunk
+    plain = class_log_probs_reference(model, processor, prompts=prompts, images=images, class_names=names)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_follows_the_protocol_not_the_language_models_own_generation_config(loaded, data_dir):
+    # Instruct LMs ship generation_config.json with repetition_penalty, no_repeat_ngram_size, min_new_tokens...;
+    # HF generate applied them on top of the protocol's 3 beams, silently changing every answer.
+    from flamingo_eval.generation import generate_answers
+
+    model, processor = loaded
+    spec = get_task_spec("vqav2")
+    query = load_task_data("vqav2", data_dir=data_dir).query[:2]
+    prompts = [spec.prompt([], q, zero_shot=False) for q in query]
+    media = MediaCache(model, processor).media([[q.image] for q in query])
+    plain = generate_answers(model, processor.tokenizer, prompts=prompts, media=media, spec=spec)
+    saved = model.lang_model.generation_config
+    model.lang_model.generation_config = copy.deepcopy(saved)
+    try:
+        model.lang_model.generation_config.update(
+            no_repeat_ngram_size=1, min_new_tokens=5, repetition_penalty=5.0, do_sample=True, top_k=2
+        )
+        tuned = generate_answers(model, processor.tokenizer, prompts=prompts, media=media, spec=spec)
+    finally:
+        model.lang_model.generation_config = saved
+    assert tuned == plain
+
+
 def test_media_cache_encodes_each_distinct_image_once_and_equals_fresh_encoding(loaded, data_dir):
     model, processor = loaded
     paths = [e.image for e in load_task_data("coco", data_dir=data_dir).support]
@@ -178,6 +290,24 @@ def test_media_cache_encodes_each_distinct_image_once_and_equals_fresh_encoding(
     torch.testing.assert_close(first, fresh.media(lists), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(second, first[[2, 1, 0]])
     assert torch.count_nonzero(first[1, 2]) == 0  # the second sample's third slot is padding
+
+
+def test_media_cache_keeps_images_in_use_when_it_evicts(loaded, data_dir):
+    # Least recently used goes first, never an image of the batch being built: a full cache (a 2048-image demo pool
+    # plus thousands of queries) once raised KeyError for a pool image encoded early and evicted by the new queries.
+    model, processor = loaded
+    paths = [e.image for e in load_task_data("coco", data_dir=data_dir).support]
+    cache = MediaCache(model, processor, max_items=3)
+    cache.media([[paths[0], paths[1], paths[2]]])
+    batch = [[paths[0], paths[3], paths[4]]]
+    media = cache.media(batch)  # paths[0] was the oldest entry; the two new images evict
+    torch.testing.assert_close(media, MediaCache(model, processor, enabled=False).media(batch))
+    assert cache.encoded == 5
+    cache.media([[paths[0], paths[5]]])  # paths[0] was used last call, so paths[3] goes, not it
+    assert cache.encoded == 6 and str(paths[0]) in cache._latents and str(paths[3]) not in cache._latents
+    cache.media([[paths[0], paths[1], paths[2], paths[3]]])  # a batch larger than the whole cache still works
+    # Each entry owns its memory: evicting it frees it (a view would pin its whole encoding chunk).
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in cache._latents.values())
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -277,6 +407,35 @@ def test_resumed_run_skips_finished_batches_and_equals_an_uninterrupted_run(load
     assert resumed.batches_computed == total - 2 and len(calls) == 3 - 2  # vqav2's first two batches were logged
     assert read_predictions(tmp_path / "resumed" / "preds") == read_predictions(tmp_path / "full" / "preds")
     assert trial_values(tmp_path / "resumed" / "results.json") == trial_values(tmp_path / "full" / "results.json")
+
+
+def test_progress_log_after_a_kill_mid_write_stays_readable_for_later_resumes(tmp_path):
+    log = ProgressLog(tmp_path, name="t", rank=0)
+    log.append(0, [{"index": 0}])
+    with open(log.path, "a") as f:
+        f.write('{"batch": 1, "rec')  # the process was killed while writing batch 1
+    assert set(log.load()) == {0}
+    log.append(1, [{"index": 1}])  # the resumed run redoes batch 1 ...
+    log.append(2, [{"index": 2}])
+    # ... and a third run (more shots, another kill) still reads every finished batch.
+    assert ProgressLog(tmp_path, name="t", rank=0).load() == {0: [{"index": 0}], 1: [{"index": 1}], 2: [{"index": 2}]}
+    with open(log.path, "a") as f:
+        f.write('{"batch": 3, "records": [{"index": 3}]}')  # killed just before the newline: batch 3 is complete
+    log.append(4, [{"index": 4}])
+    assert sorted(ProgressLog(tmp_path, name="t", rank=0).load()) == [0, 1, 2, 3, 4]
+
+
+def test_predictions_are_written_even_when_the_metric_is_undefined(loaded, data_dir, tmp_path):
+    # One HatefulMemes query has one label, so ROC-AUC is undefined: the error is raised, the outputs are kept.
+    model, processor = loaded
+    config = EvalConfig(
+        model=None, tasks=["hateful_memes"], shots=[0], seeds=[1], data_dir=data_dir, num_samples=1,
+        output=tmp_path / "results.json", predictions_dir=tmp_path / "preds",
+    )
+    with pytest.raises(ValueError, match="roc_auc is undefined"):
+        Evaluator(config, model=model, processor=processor).run()
+    (records,) = read_predictions(tmp_path / "preds").values()
+    assert len(records) == 1 and 0 <= records[0]["score"] <= 1
 
 
 def _subprocess_env():

@@ -78,6 +78,22 @@ def test_okvqa_score_stems_predictions_and_vqav2_does_not(tmp_path):
     assert score_files("vqav2", results, annotations, None) == {"accuracy": 0.0}
 
 
+def test_okvqa_score_without_the_stemming_packages_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import flamingo_eval.metrics.okvqa_stem as okvqa_stem
+    from flamingo_eval.cli import main
+
+    def missing():
+        raise ImportError("OK-VQA stemming needs nltk and inflection")
+
+    monkeypatch.setattr(okvqa_stem, "_backend", missing)
+    annotation = {"question_id": 1, "answers": [{"answer": "dog"}]}
+    annotations = _write(tmp_path / "annotations.json", {"annotations": [annotation]})
+    results = _write(tmp_path / "results.json", [{"question_id": 1, "answer": "dogs"}])
+    args = ["score", "--task", "okvqa", "--predictions", str(results), "--annotations", str(annotations)]
+    assert main(args) == 2
+    assert "needs nltk and inflection" in capsys.readouterr().err
+
+
 def test_hateful_memes_score_is_roc_auc_of_the_yes_probability(root, tmp_path):
     data = load_task_data("hateful_memes", data_dir=root)
     rng = random.Random(3)
@@ -154,3 +170,37 @@ def test_annotations_in_an_unknown_format_are_named(coco, tmp_path):
 def test_unscorable_task_is_named(tmp_path):
     with pytest.raises(ValueError, match="task must be one of"):
         score_files("imagenet", tmp_path / "a.json", tmp_path / "b.json", None)
+
+
+def test_predictions_with_non_ascii_text_are_written_under_a_c_locale(root, tmp_path):
+    # A batch job without LANG writes files as ASCII: a caption with "é" once crashed the end of a finished trial.
+    import subprocess
+    import sys
+
+    script = (
+        "from flamingo_eval.score import write_predictions; "
+        f"write_predictions('coco', [{{'image_id': 1, 'caption': 'un caf\\u00e9'}}], {str(tmp_path / 'p.json')!r})"
+    )
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)
+    assert json.loads((tmp_path / "p.json").read_text(encoding="utf-8")) == [{"image_id": 1, "caption": "un caf\u00e9"}]
+
+
+@pytest.mark.parametrize("task,annotation", [("coco", "coco/dataset_coco.json"), ("vqav2", "vqav2/v2_mscoco_val2014_annotations.json")])
+def test_subset_scores_only_the_predicted_items_as_if_the_annotations_held_only_those(task, annotation, root, tmp_path):
+    # A --num-samples run predicts a subset; COCOEvalCap likewise scores only the images in the results file.
+    data = load_task_data(task, data_dir=root)
+    rng = random.Random(3)
+    records = [prediction_record(task, e, _guess(e, rng)) for e in data.query[::2]]
+    path = write_predictions(task, records, tmp_path / "results.json")
+    kept = data.query[::2]
+    if task == "coco":
+        refs = {e.id: list(e.answers) for e in kept}
+        expected = {"cider": pytest.approx(reference_cider({r["image_id"]: r["caption"] for r in records}, refs), rel=1e-12)}
+    else:
+        accuracy = 100 * sum(question_accuracy(r["answer"], e.answers) for r, e in zip(records, kept)) / len(kept)
+        expected = {"accuracy": pytest.approx(accuracy, rel=1e-12)}
+    assert score_files(task, path, root / annotation, None, subset=True) == expected
+    with pytest.raises(ValueError, match="no prediction for"):
+        score_files(task, path, root / annotation, None)
+

@@ -294,3 +294,24 @@ def test_gpt2_copy_keeps_its_class_and_tied_embeddings(tiny_vision, tiny_lm_dir)
     assert twin.lang_model.lm_head.weight is twin.lang_model.get_input_embeddings().weight
     batch = _batch(processor)
     assert torch.equal(_logits(twin, batch), _logits(model, batch))
+
+
+def test_save_pretrained_takes_the_trainable_weights_from_a_gathered_state_dict(tmp_path, tiny_vision, tiny_llama_dir):
+    # Under FSDP the module's own parameters are shards; the trainer passes accelerator.get_state_dict(model).
+    model, _ = build_tiny_model(tiny_vision, tiny_llama_dir)
+    gathered = {key: value.clone() for key, value in model.state_dict().items()}
+    gathered["perceiver.latents"] += 1.0
+    model.save_pretrained(tmp_path / "saved", state_dict=gathered)
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    assert set(saved) == set(model.trainable_state_dict())
+    assert torch.equal(saved["perceiver.latents"], gathered["perceiver.latents"])
+    assert not torch.equal(saved["perceiver.latents"], model.perceiver.latents)
+
+
+def test_save_pretrained_with_a_state_dict_missing_trainable_weights_names_them(tmp_path, tiny_vision, tiny_llama_dir):
+    model, _ = build_tiny_model(tiny_vision, tiny_llama_dir)
+    partial = {k: v for k, v in model.state_dict().items() if not k.startswith("perceiver.")}
+    with pytest.raises(ValueError, match=r"lacks trainable weights: \['perceiver\."):
+        model.save_pretrained(tmp_path / "saved", state_dict=partial)
+    with pytest.raises(ValueError, match="cannot take a state_dict"):
+        model.save_pretrained(tmp_path / "saved", state_dict=model.state_dict(), save_backbones=True)

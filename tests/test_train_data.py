@@ -347,6 +347,47 @@ def test_bad_webdataset_samples_are_skipped_and_counted(processor, tmp_path):
     assert batch["input_ids"].shape[0] == 1
 
 
+
+def test_text_only_documents_train_beside_interleaved_ones_when_text_before_images_is_trained(processor, tmp_path):
+    write_images(tmp_path, 1)
+    records = [{"text": "Only text here.", "images": []}, {"text": "<image>a cat.", "images": ["img0.png"]}]
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    batch = take(loader(processor, path, batch_size=2, shuffle=False, mask_text_before_first_image=False), 1)[0]
+    assert batch["skipped"] == {}
+    assert (batch["input_ids"][0] != processor.media_token_id).all()
+    assert (batch["pixel_values"][0] == 0).all() and (batch["pixel_values"][1] != 0).any()
+    real = batch["attention_mask"][0].bool()
+    assert torch.equal(batch["labels"][0][real][1:], batch["input_ids"][0][real][1:])  # all but bos trained
+
+
+def test_a_lone_surrogate_in_the_text_is_a_bad_record_not_a_crash(processor, tmp_path):
+    write_images(tmp_path, 1)
+    records = ['{"text": "half an emoji \\ud83d <image>a cat.", "images": ["img0.png"]}',
+               {"text": "<image>a cat.", "images": ["img0.png"]}]
+    path = write_jsonl(tmp_path / "data.jsonl", records)
+    batch = take(loader(processor, path, batch_size=2, shuffle=False), 1)[0]
+    assert batch["skipped"] == {"malformed_record": 1} and batch["input_ids"].shape[0] == 1
+
+
+def test_a_decompression_bomb_image_is_skipped_as_corrupt(processor, tmp_path, monkeypatch):
+    from PIL import Image
+
+    write_images(tmp_path, 1)  # 24 x 28 pixels: a "bomb" once the limit is 100 pixels (PIL raises above twice it)
+    path = write_jsonl(tmp_path / "data.jsonl", [{"text": "<image>a cat.", "images": ["img0.png"]}] * 2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    data = loader(processor, path, batch_size=1, shuffle=False)
+    with pytest.raises(ValueError, match=r"no usable record .*'corrupt_image'"):
+        take(data, 1)
+
+
+def test_the_first_line_of_a_file_with_a_utf8_byte_order_mark_is_read(processor, tmp_path):
+    write_images(tmp_path, 1)
+    path = write_jsonl(tmp_path / "data.jsonl", [{"text": "<image>a cat.", "images": ["img0.png"]}])
+    (tmp_path / "data.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "data.jsonl").read_bytes())
+    batch = take(loader(processor, path, batch_size=1), 1)[0]
+    assert batch["skipped"] == {}
+    assert_matches_reference(batch, reference(processor, [("", [(0, "a cat.")])]))
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_strict_mode_raises_naming_the_file_and_line(processor, tmp_path, num_workers):
     path = write_bad_records(tmp_path)
@@ -470,6 +511,25 @@ def test_split_by_shards_resumes_with_the_batches_of_an_uninterrupted_loader(pro
     assert [b["skipped"] for b in seen] == [b["skipped"] for b in expected]
 
 
+
+def test_split_by_shards_a_run_of_bad_records_in_a_later_epoch_is_not_taken_for_unusable_data(processor, tmp_path):
+    # The reader of shard 0 meets 12 bad records in a row every epoch, but also 8 good ones: it must keep going.
+    path = numbered_shards(tmp_path, shards=4, per_shard=20, bad=set(range(12)))
+    data = loader(processor, path, streaming=True, split_by="shards", shuffle=False, batch_size=2, world_size=4)
+    batches = take(data, 12)  # epoch 0 is 4 batches (+6 all-bad ones left out); this reaches well into epoch 2
+    assert sum(sum(b["skipped"].values()) for b in batches) >= 24
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_empty_shard_among_others_is_read_as_no_records(processor, tmp_path, streaming):
+    path = numbered_shards(tmp_path, shards=4, per_shard=2)
+    (tmp_path / "shard-2.jsonl").write_text("")  # e.g. a shard whose writer found nothing to write
+    fields = dict(streaming=streaming, batch_size=2, world_size=4)
+    if streaming:  # 4 readers of one file each: in some epochs reader 0 is dealt the empty file
+        fields["split_by"] = "shards"
+    batches = take(loader(processor, path, **fields), 12)
+    assert all(b["skipped"] == {} and b["input_ids"].shape[0] >= 1 for b in batches)
+
 def test_split_by_shards_with_fewer_files_than_readers_is_refused(processor, tmp_path):
     path = numbered_shards(tmp_path, shards=2, per_shard=3)
     with pytest.raises(ValueError, match="split_by='shards' needs at least one file per reader"):
@@ -496,6 +556,14 @@ def test_a_path_that_matches_nothing_names_the_dataset_and_pattern(processor, tm
     with pytest.raises(ValueError, match=r"DataConfig 'test': path .*nothing-\*\.jsonl"):
         loader(processor, tmp_path / "nothing-*.jsonl")
 
+
+
+def test_a_webdataset_folder_in_img2dataset_layout_reads_only_its_tar_shards(processor, tmp_path):
+    write_tar(tmp_path / "00000.tar", [("00000000.png", png_bytes(solid_image(0))), ("00000000.txt", b"a cat.")])
+    datasets.Dataset.from_list([{"key": "00000000", "status": "success"}]).to_parquet(str(tmp_path / "00000.parquet"))
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"count": 1, "successes": 1}))
+    batch = take(loader(processor, tmp_path, fmt="webdataset", batch_size=1), 1)[0]
+    assert_matches_reference(batch, reference(processor, [("", [(0, "a cat.")])]))
 
 def test_tar_shards_with_a_non_webdataset_format_are_refused(processor, tmp_path):
     path = write_tar(tmp_path / "a.tar", [("k.txt", b"a cat.")])

@@ -12,11 +12,12 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 from train_loop_helpers import REPO, bitwise_equal, check, final_weights, read_metrics, run_training
 
 import flamingo
 import flamingo_train.train as train_module
-from flamingo_train.checkpoint import complete_checkpoints
+from flamingo_train.checkpoint import complete_checkpoints, keep_only_trainable_weights, load_checkpoint, resolve_resume
 from flamingo_train.config import ScheduleConfig, OptimConfig, load_config
 from flamingo_train.data.config import DataConfig
 from flamingo_train.data.loader import build_dataloader
@@ -107,6 +108,11 @@ def test_overrides_address_data_entries_by_index_or_by_name():
     with pytest.raises(ValueError, match="no data entry 'laion'"):
         load_config(TINY_CPU, overrides=["data.laion.batch_size=3"])
 
+
+
+def test_an_override_that_is_not_yaml_such_as_a_leading_glob_is_taken_as_a_string():
+    config = load_config(TINY_CPU, overrides=["data.0.path=*.jsonl", "run.output_dir=@runs"])
+    assert (config.data[0].path, config.run.output_dir) == ("*.jsonl", "@runs")
 
 def test_cli_flags_resume_and_strict_become_run_settings(monkeypatch):
     seen = {}
@@ -282,6 +288,24 @@ def test_a_nonfinite_loss_skips_the_update_and_is_counted(example, tmp_path, mon
     assert not bitwise_equal(weights[2], weights[3])  # step 4 trained again
 
 
+
+def test_a_nonfinite_micro_batch_keeps_the_whole_step_out_of_the_logged_loss(example, tmp_path, monkeypatch):
+    accumulate = ["run.grad_accum_steps=2", "data.0.batch_size=4", "run.save_every=0"]
+    train(tiny_config(example, tmp_path / "one", *accumulate, "run.max_steps=1", "run.log_every=1"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    real, calls = train_module.label_token_loss_sum, []
+
+    def nan_on_fourth_call(model, batch):  # step 2's second micro-batch; its first one was finite
+        calls.append(1)
+        loss = real(model, batch)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(train_module, "label_token_loss_sum", nan_on_fourth_call)
+    train(tiny_config(example, tmp_path / "two", *accumulate, "run.max_steps=2", "run.log_every=2"))
+    (logged,) = read_metrics(tmp_path / "two")
+    assert logged["skipped_steps"] == 1
+    assert logged["loss"] == pytest.approx(read_metrics(tmp_path / "one")[0]["loss"], rel=1e-6)  # step 1 alone
+
 def test_bad_records_are_counted_in_the_metrics_and_strict_mode_raises(tiny_vision, tmp_path, example):
     data = write_synthetic_dataset(tmp_path / "data", format="simple", num_records=16, seed=0)
     first_image = json.loads(data.read_text().splitlines()[0])["images"][0]
@@ -295,6 +319,71 @@ def test_bad_records_are_counted_in_the_metrics_and_strict_mode_raises(tiny_visi
     with pytest.raises(ValueError, match="data.jsonl"):
         train(tiny_config(example, tmp_path / "strict", *overrides, "run.strict=true"))
 
+
+
+def test_a_dataset_added_to_the_mixture_starts_from_its_beginning_on_resume(example, tmp_path):
+    steps = ["run.save_every=2", "run.log_every=1"]
+    train(tiny_config(example, tmp_path / "run", "run.max_steps=2", *steps))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    pairs = write_synthetic_dataset(tmp_path / "pairs", format="pairs", num_records=8, seed=1)
+    config = tiny_config(example, tmp_path / "run", "run.max_steps=3", "run.resume=auto", *steps)
+    config.data.append(DataConfig(name="pairs", path=str(pairs), format="pairs", batch_size=2, max_tokens=32,
+                                  max_images=1, num_workers=0))
+    train(config)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == [1, 2, 3] and math.isfinite(metrics[-1]["loss/pairs"])
+
+
+def test_a_partial_last_metrics_line_left_by_a_killed_job_does_not_stop_the_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    train_module._truncate_metrics(path, after_step=2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
+class StubAccelerator:
+    """What checkpoint.py asks of an Accelerator, under a given distributed type."""
+
+    def __init__(self, distributed_type):
+        self.distributed_type, self.num_processes, self.process_index = distributed_type, 1, 0
+        self.hooks, self.load_kwargs = [], None
+
+    def register_save_state_pre_hook(self, hook):
+        self.hooks.append(hook)
+
+    def unwrap_model(self, model):
+        return model
+
+    def load_state(self, path, **kwargs):
+        self.load_kwargs = kwargs
+
+
+class StubFlamingo:
+    def trainable_modules(self):
+        return {"perceiver": None}
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_the_trainable_weights_filter_leaves_fsdp_and_deepspeed_checkpoints_alone(kind):
+    accelerator = StubAccelerator(DistributedType[kind])
+    keep_only_trainable_weights(accelerator)
+    accelerator.hooks[0]([StubFlamingo()], [], "checkpoint-dir")  # these save their models themselves: no weights
+
+
+def test_the_trainable_weights_filter_keeps_only_the_trainable_modules():
+    accelerator = StubAccelerator(DistributedType.MULTI_GPU)
+    keep_only_trainable_weights(accelerator)
+    weights = [{"module.perceiver.latents": 1, "module.lang_model.embed.weight": 2}]
+    accelerator.hooks[0]([StubFlamingo()], weights, "checkpoint-dir")
+    assert weights == [{"module.perceiver.latents": 1}]
+
+
+@pytest.mark.parametrize("kind,kwargs", [("DEEPSPEED", {}), ("MULTI_GPU", {"strict": False}), ("NO", {"strict": False})])
+def test_resume_passes_strict_false_except_to_deepspeed_whose_loader_has_no_such_argument(tmp_path, kind, kwargs):
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 1, "ranks": [{"x": 1}]}))
+    accelerator = StubAccelerator(DistributedType[kind])
+    state, mine = load_checkpoint(accelerator, tmp_path)
+    assert (state["step"], mine, accelerator.load_kwargs) == (4, {"x": 1}, kwargs)
 
 # ---------------------------------------------------------------------------------------------- processes
 def test_two_processes_match_one_process_with_the_same_global_batch(example, tmp_path):
@@ -328,3 +417,20 @@ def test_a_killed_run_resumed_with_auto_ends_with_bitwise_the_same_weights(examp
     assert [m["step"] for m in cut] == [1, 2, 3, 4, 5, 6]  # step 5 logged once although it ran twice
     assert [m["loss"] for m in cut] == [m["loss"] for m in whole]
     assert not partial.exists()
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside_so_auto_resume_follows_the_new_branch(
+    example, tmp_path
+):
+    out = tmp_path / "run"
+    train(tiny_config(example, out, "run.max_steps=4", "run.save_every=1", "run.keep_last=3", "run.log_every=1"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    branch = out / "checkpoints" / "step-00000002"
+    train(tiny_config(example, out, "run.max_steps=3", "run.save_every=1", "run.keep_last=3", "run.log_every=1",
+                      f"run.resume={branch}"))
+    # The old steps 3 and 4 continued the abandoned run: they are set aside, not pruned in place of the new ones.
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000002", "step-00000003"]
+    assert resolve_resume("auto", out) == out / "checkpoints" / "step-00000003"
+    assert (out / "checkpoints" / ".abandoned-step-00000004").is_dir()
+    steps = [m["step"] for m in read_metrics(out)]
+    assert steps == [1, 2, 3]  # the metrics log follows the new branch

@@ -5,9 +5,11 @@ Layout::
 
     output_dir/checkpoints/step-00000100/   complete (has trainer_state.json, renamed into place last)
     output_dir/checkpoints/.tmp-step-00000200/   being written, or left by a killed run: ignored and cleared
+    output_dir/checkpoints/.abandoned-step-00000300/   after a resume from an earlier step: kept, never resumed from
 
 Only the trainable weights go into a checkpoint (a save-state hook filters the model's state dict); the frozen
-backbones come from the model definition on resume, so a checkpoint of a 7B-LM Flamingo stays small.
+backbones come from the model definition on resume, so a checkpoint of a 7B-LM Flamingo stays small. (FSDP and
+DeepSpeed save the whole model in their own formats; the hook cannot filter those.)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from flamingo.io import atomic_write_text
 
@@ -35,8 +37,9 @@ def keep_only_trainable_weights(accelerator: Accelerator) -> None:
     """Make ``save_state`` store only the parameters/buffers of ``model.trainable_modules()``."""
 
     def hook(models, weights, output_dir):
-        for i, model in enumerate(models):
-            prefixes = tuple(f"{p}." for p in accelerator.unwrap_model(model).trainable_modules())
+        # FSDP and DeepSpeed write the models in their own formats and pass no weights here (whole models, then).
+        for i in range(len(weights)):
+            prefixes = tuple(f"{p}." for p in accelerator.unwrap_model(models[i]).trainable_modules())
             weights[i] = {
                 key: value
                 for key, value in weights[i].items()
@@ -66,6 +69,23 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     if not (path / TRAINER_STATE).is_file():
         raise ValueError(f"run.resume={resume!r} is not a complete checkpoint (no {TRAINER_STATE} in it).")
     return path
+
+
+def set_aside_later_checkpoints(output_dir: str | Path, step: int) -> list[Path]:
+    """Rename the complete checkpoints after ``step`` to ``.abandoned-step-N`` (kept, but never resumed from).
+
+    Resuming from an older checkpoint starts a new branch of the run; without this, ``keep_last`` would prune the new
+    branch's checkpoints first and a later ``--resume auto`` would silently continue the abandoned one.
+    """
+    moved = []
+    for path in complete_checkpoints(output_dir):
+        if int(_COMPLETE.match(path.name).group(1)) > step:
+            target = path.with_name(f".abandoned-{path.name}")
+            if target.exists():
+                shutil.rmtree(target)
+            path.rename(target)
+            moved.append(target)
+    return moved
 
 
 def save_checkpoint(
@@ -105,5 +125,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
             "data positions are per process, so resume with the same number of processes."
         )
     # strict=False: the checkpoint holds only the trainable weights; the frozen backbones are already loaded.
-    accelerator.load_state(str(path), strict=False)
+    # DeepSpeed saved the whole model in its own format, and its load_checkpoint takes no `strict` argument.
+    strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
+    accelerator.load_state(str(path), **strict)
     return state, state["ranks"][accelerator.process_index]

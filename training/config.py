@@ -55,7 +55,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate multiplier per OPTIMISER step: linear warmup from 0, then ``kind`` down to ``min_lr_ratio``."""
+    """Learning-rate multiplier per OPTIMISER step: linear warmup (``1/warmup_steps`` on the first step, up to 1),
+    then ``kind`` down to ``min_lr_ratio``."""
 
     kind: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 0
@@ -130,7 +131,10 @@ def apply_override(raw: dict, override: str, *, where: str = "config") -> None:
             raise ValueError(f"Override {override!r}: {'.'.join(parts[: depth + 1])} in {where} is not a section.")
     if isinstance(node, list):
         raise ValueError(f"Override {override!r} names a whole data entry; name one of its fields.")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:  # not YAML, e.g. a glob that starts with '*' (an alias in YAML): the plain string
+        node[parts[-1]] = value
 
 
 def _list_item(items: list, part: str, key: str) -> dict:

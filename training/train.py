@@ -43,7 +43,13 @@ from tqdm.auto import tqdm
 
 import flamingo
 from flamingo.io import atomic_write_text
-from flamingo_train.checkpoint import keep_only_trainable_weights, load_checkpoint, resolve_resume, save_checkpoint
+from flamingo_train.checkpoint import (
+    keep_only_trainable_weights,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    set_aside_later_checkpoints,
+)
 from flamingo_train.config import ModelConfig, TrainConfig
 from flamingo_train.data.loader import PositionTracker, build_dataloader
 from flamingo_train.optim import build_optimizer, build_scheduler
@@ -134,12 +140,18 @@ def train(config: TrainConfig) -> TrainResult:
         state, mine = load_checkpoint(accelerator, resume_from)
         step, skipped_steps = state["step"], state["skipped_steps"]
         for name in names:
+            if name not in mine["positions"]:  # a dataset added to the mixture since the checkpoint
+                accelerator.print(f"data {name!r} is not in {resume_from}; it starts from its beginning")
+                continue
             trackers_by_name[name].load_state_dict(mine["positions"][name])
             skipped[name].update(mine["skipped"].get(name, {}))
         accelerator.print(f"resumed from {resume_from} at step {step}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(output_dir / METRICS, after_step=step)
+        if resume_from is not None:
+            for path in set_aside_later_checkpoints(output_dir, step):
+                accelerator.print(f"set aside {path.name}: it continues the run from before this resume")
     loaders = {
         d.name: build_dataloader(
             d,
@@ -148,7 +160,7 @@ def train(config: TrainConfig) -> TrainResult:
             world_size=world,
             seed=run.seed,
             strict=run.strict,
-            start=trackers_by_name[d.name].state_dict() if resume_from is not None else None,
+            start=trackers_by_name[d.name].state_dict(),  # a fresh tracker's state starts from the beginning
         )
         for d in config.data
     }
@@ -161,6 +173,9 @@ def train(config: TrainConfig) -> TrainResult:
     window = _Window(len(names), accelerator.device)
     bar = tqdm(total=run.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     no_sync_allowed = accelerator.distributed_type != DistributedType.DEEPSPEED  # ZeRO>=2 forbids no_sync
+    if run.export_backbones and accelerator.distributed_type == DistributedType.FSDP:
+        # The sharded backbones cannot be written by one process; they are unchanged, so refer to them instead.
+        raise ValueError("run.export_backbones is not supported with FSDP; the export refers to the input backbones.")
     if not no_sync_allowed and run.grad_accum_steps > 1:
         # DeepSpeed steps inside accelerator.backward; our per-step token normalisation needs one backward per step.
         raise ValueError("run.grad_accum_steps > 1 is not supported with DeepSpeed; raise data batch_size instead.")
@@ -210,8 +225,10 @@ def train(config: TrainConfig) -> TrainResult:
         # A skipped step still counts, so the LR stays a function of the step number.
         scheduler.step()
         step += 1
-        # A skipped step's losses stay out of the logged mean (its tokens still count for throughput).
-        window.add(loss_sums, counts * (not nonfinite_step), micro_batches, processor.media_token_id)
+        # A skipped step's losses stay out of the logged mean, also those of its finite micro-batches (its tokens
+        # still count for throughput).
+        window.add(loss_sums * (not nonfinite_step), counts * (not nonfinite_step), micro_batches,
+                   processor.media_token_id)
 
         if step % run.log_every == 0 or step == run.max_steps:
             metrics = window.flush(accelerator, names, weights)
@@ -251,8 +268,10 @@ def train(config: TrainConfig) -> TrainResult:
     # ---- export: trainable weights + references to the backbones (or copies), and the processor
     final = output_dir / FINAL
     accelerator.wait_for_everyone()
+    # Collective: under FSDP (or ZeRO-3) the weights are sharded, so the main process saves the gathered copy.
+    gathered = None if run.export_backbones else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(final, save_backbones=run.export_backbones)
+        accelerator.unwrap_model(model).save_pretrained(final, save_backbones=run.export_backbones, state_dict=gathered)
         processor.save_pretrained(final)
         atomic_write_text(output_dir / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     accelerator.end_training()
@@ -304,5 +323,13 @@ def _truncate_metrics(path: Path, *, after_step: int) -> None:
     """On resume, drop lines logged after the checkpoint (they will be logged again), so each step appears once."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= after_step]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a blank or partial line (the job was killed while writing it) is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

@@ -140,7 +140,8 @@ def parse_record(record: Any, format: str, root: Path | None) -> Document:
     """One raw record (a dict, or a JSON line as ``str``) of ``format`` -> Document; raises :class:`BadRecord`."""
     if isinstance(record, str):
         try:
-            record = json.loads(record)
+            # The first line of a file saved with a UTF-8 byte-order mark (Windows tools) starts with U+FEFF.
+            record = json.loads(record.removeprefix("\ufeff"))
         except json.JSONDecodeError as error:
             raise BadRecord("malformed_json", f"is not valid JSON ({error})") from None
     if not isinstance(record, dict):

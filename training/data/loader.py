@@ -126,7 +126,7 @@ class _Batches(IterableDataset):
         With ``slot`` (split by shards), only files ``slot, slot + slots, ...`` of each epoch's file order are read,
         with a buffer shuffle of the reader's own.
         """
-        epoch = 0
+        epoch = empty_epochs = 0
         while True:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.parts)) if self.config.shuffle else np.arange(len(self.parts))
@@ -140,10 +140,17 @@ class _Batches(IterableDataset):
             for record in records:
                 count += 1
                 yield record
-            if count == 0:
-                raise ValueError(f"DataConfig {self.config.name!r}: the data holds no records.")
-            self._epoch_length = count
             epoch += 1
+            if count == 0:
+                empty_epochs += 1
+                # Split by shards, one epoch may deal this reader only empty files (img2dataset writes a shard with
+                # no sample when all its downloads fail); the next epoch deals it others.
+                if slot is None or not self.config.shuffle or empty_epochs >= 2 * len(self.parts):
+                    what = "the data holds" if slot is None else f"the files of reader {slot} of {slots} hold"
+                    raise ValueError(f"DataConfig {self.config.name!r}: {what} no records.")
+                continue
+            empty_epochs = 0
+            self._epoch_length = count
 
     # ---------------------------------------------------------------------------------------------- batches
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -196,8 +203,12 @@ class _Batches(IterableDataset):
                     pixels.append(sample_pixels)
             block += self.lanes
             if not samples:
-                span = (block - last_good) * self.global_batch
-                if self._epoch_length is not None and span >= max(2 * self._epoch_length, 2 * self.lanes * self.global_batch):
+                # Records of this lane's stream passed since its last usable batch, in the units of _epoch_length:
+                # split by shards, the lane's own files (batch_size records per block of its own); otherwise the
+                # whole stream (global_batch records per block).
+                per_block = self.config.batch_size if self.split_shards else self.global_batch * self.lanes
+                span = (block - last_good) // self.lanes * per_block
+                if self._epoch_length is not None and span >= max(2 * self._epoch_length, 2 * per_block):
                     raise ValueError(
                         f"DataConfig {self.config.name!r}: no usable record in two epochs of {self.config.path} "
                         f"(skipped by reason: {dict(skipped)}); check format={self.config.format!r}, the paths and "

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 
 from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, FlamingoProcessor, load_image
 
@@ -74,7 +75,14 @@ class SampleBuilder:
 
     def token_ids(self, document: Document) -> list[int]:
         """The whole document's ids, ``[bos] ... [eos]``, before truncation."""
-        body = self.tokenizer(self.layout(document), add_special_tokens=False)["input_ids"]
+        text = self.layout(document)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            # JSON allows escaped lone surrogates ("\ud83d", an emoji cut in half by a scraper); the tokenizer
+            # raises TypeError on them, which would end the whole run.
+            raise BadRecord("malformed_record", f"its text is not valid Unicode ({error})") from None
+        body = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if body.count(self.media_id) != len(document.chunks):
             raise BadRecord(
                 "image_count_mismatch",
@@ -125,6 +133,8 @@ def decode_images(sample: Sample, processor: FlamingoProcessor) -> torch.Tensor:
         except ValueError as error:
             missing = isinstance(error.__cause__, (FileNotFoundError, IsADirectoryError))
             raise BadRecord("missing_image" if missing else "corrupt_image", f"image {index}: {error}") from None
+        except Image.DecompressionBombError as error:  # a huge (or corrupt-header) web image: not an OSError
+            raise BadRecord("corrupt_image", f"image {index}: {error}") from None
     return torch.stack(pixels).unsqueeze(1) if pixels else torch.zeros(0, 1, 0, 0, 0)
 
 
@@ -142,5 +152,6 @@ def collate(samples: Sequence[Sample], pixels: Sequence[torch.Tensor], *, pad_id
         input_ids[b, :n] = torch.tensor(sample.input_ids)
         attention_mask[b, :n] = 1
         labels[b, :n] = torch.tensor(sample.labels)
-        pixel_values[b, : sample_pixels.shape[0]] = sample_pixels
+        if sample_pixels.shape[0]:  # a text-only sample (mask_text_before_first_image=False) has no pixels
+            pixel_values[b, : sample_pixels.shape[0]] = sample_pixels
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "pixel_values": pixel_values}

@@ -61,7 +61,9 @@ def expand_paths(config: DataConfig) -> list[str]:
             raise ValueError(f"DataConfig {config.name!r}: path {pattern!r} matches no file or directory.")
         for match in matches:
             if os.path.isdir(match) and not _is_saved_dataset(match):
-                inside = sorted(p for p in glob.glob(os.path.join(match, "*")) if Path(p).suffix in (*BUILDERS, ".tar"))
+                # A webdataset folder (img2dataset's layout) also holds per-shard .parquet and _stats.json metadata.
+                suffixes = (".tar",) if config.format == "webdataset" else (*BUILDERS, ".tar")
+                inside = sorted(p for p in glob.glob(os.path.join(match, "*")) if Path(p).suffix in suffixes)
                 if not inside:
                     raise ValueError(f"DataConfig {config.name!r}: directory {match} holds no data files or save_to_disk dataset.")
                 found.extend(inside)
@@ -112,6 +114,8 @@ def _file_part(path: str, *, root: Path, streaming: bool) -> Part:
     builder = BUILDERS[Path(path).suffix]
     if builder == "json" and _json_lines(path):
         builder = "text"
+    if builder == "text" and os.path.getsize(path) == 0:  # an empty shard; datasets' text builder fails on it
+        return DatasetPart(path, datasets.Dataset.from_dict({"text": []}), root=root, lines=True)
     try:
         dataset = datasets.load_dataset(builder, data_files=path, split="train", streaming=streaming)
     except Exception as error:  # datasets raises many types; a whole unreadable file is a configuration error
