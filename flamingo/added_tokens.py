@@ -28,8 +28,9 @@ class AddedTokenEmbeddings(nn.Module):
         self.register_buffer("token_ids", ids, persistent=False)
         self.register_buffer("slot_of_token", slot_of_token, persistent=False)
         self.tied = head is None or head.weight is embedding.weight
-        self.input = nn.Parameter(embedding.weight.detach()[ids].clone())
-        self.output = None if self.tied else nn.Parameter(head.weight.detach()[ids].clone())
+        # Float32 like the other trainable modules, whatever the frozen LM's dtype (the hooks cast on the way in).
+        self.input = nn.Parameter(embedding.weight.detach()[ids].float())
+        self.output = None if self.tied else nn.Parameter(head.weight.detach()[ids].float())
         embedding.register_forward_hook(self._swap_input_rows)
         if head is not None:
             head.register_forward_hook(self._swap_output_columns)

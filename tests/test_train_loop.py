@@ -434,3 +434,16 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside_so_auto_r
     assert (out / "checkpoints" / ".abandoned-step-00000004").is_dir()
     steps = [m["step"] for m in read_metrics(out)]
     assert steps == [1, 2, 3]  # the metrics log follows the new branch
+
+
+def test_a_bfloat16_language_model_trains_float32_flamingo_modules_and_stays_frozen(example, tmp_path):
+    config = tiny_config(example, tmp_path / "run", "model.lang_model_dtype=bfloat16", "run.mixed_precision=bf16",
+                         "run.max_steps=30", "run.log_every=5", "run.save_every=0")
+    result = train(config)
+    model = result.model
+    assert {p.dtype for p in model.lang_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    before = flamingo.Flamingo.from_pretrained(example / "model", dtype=torch.bfloat16)
+    assert bitwise_equal(before.lang_model.state_dict(), model.lang_model.state_dict())
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
+    assert losses[-1] < 0.5 * losses[0]

@@ -50,7 +50,7 @@ from flamingo_train.checkpoint import (
     save_checkpoint,
     set_aside_later_checkpoints,
 )
-from flamingo_train.config import ModelConfig, TrainConfig
+from flamingo_train.config import LANG_MODEL_DTYPES, ModelConfig, TrainConfig
 from flamingo_train.data.loader import PositionTracker, build_dataloader
 from flamingo_train.optim import build_optimizer, build_scheduler
 
@@ -62,9 +62,10 @@ FINAL = "final"
 
 def load_model(config: ModelConfig) -> tuple[flamingo.Flamingo, flamingo.FlamingoProcessor]:
     """A saved model (``pretrained``) or a fresh one from backbones; the backbones stay frozen (see optim.py)."""
+    dtype = LANG_MODEL_DTYPES[config.lang_model_dtype]
     if config.pretrained is not None:
         directory = Path(config.pretrained)
-        model = flamingo.Flamingo.from_pretrained(directory)
+        model = flamingo.Flamingo.from_pretrained(directory, dtype=dtype)
         # A self-contained dir names its backbones relative to itself; point at them absolutely, so the export in
         # output_dir/final refers to the same backbones instead of copying them (see run.export_backbones).
         for attr in ("lang_model", "vision_pretrained"):
@@ -81,6 +82,7 @@ def load_model(config: ModelConfig) -> tuple[flamingo.Flamingo, flamingo.Flaming
         perceiver=flamingo.PerceiverConfig(**config.perceiver),
         cross_attention=flamingo.CrossAttentionConfig(**config.cross_attention),
         trust_remote_code=config.trust_remote_code,
+        dtype=dtype,
     )
 
 
