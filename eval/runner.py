@@ -25,16 +25,17 @@ import torch
 from tqdm import tqdm
 
 from flamingo import Flamingo, FlamingoProcessor
+from flamingo.configuration import DTYPES
 
 from .classification import class_log_probs
 from .data import load_task_data
 from .demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
 from .generation import generate_answers
+from .metrics.okvqa_stem import require_stem_backend
 from .results import ProgressLog, settings_hash, write_results
 from .score import prediction_record, score_records, write_predictions
 from .tasks import TaskSpec, get_task_spec
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Evaluator:
         run_config = {**dataclasses.asdict(cfg), "model_config": _model_identity(self.model)}
         if "okvqa" in cfg.tasks:
             # Fail before hours of generation if the stemming packages are missing, and record which rule ran.
-            run_config["okvqa_stem_backend"] = _okvqa_stem_backend()
+            run_config["okvqa_stem_backend"] = require_stem_backend()
         for task in cfg.tasks:
             data = load_task_data(task, data_dir=cfg.data_dir, paths=cfg.paths.get(task), custom_kind=cfg.custom_kind)
             spec = get_task_spec(task, custom_kind=cfg.custom_kind, class_names=data.class_names)
@@ -321,15 +322,6 @@ def load_model(directory: Path, *, dtype=torch.float32):
         raise ValueError(f"--model {directory}: directory not found.")
     model = Flamingo.from_pretrained(directory, dtype=dtype)
     return model.eval(), FlamingoProcessor.from_pretrained(directory)
-
-
-def _okvqa_stem_backend() -> str:
-    from .metrics.okvqa_stem import stem_backend
-
-    try:
-        return stem_backend()
-    except ImportError as error:
-        raise ValueError(f"okvqa: {error} (or: pip install 'flamingo[eval]').") from error
 
 
 def _model_identity(model) -> dict:

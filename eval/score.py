@@ -202,12 +202,9 @@ def score_files(
         return {"cider": cider(captions, references)}
     if task in VQA_TASKS:
         if task == "okvqa":  # a missing stemming package is a setup error: one line, as for a bad file
-            from .metrics.okvqa_stem import stem_backend
+            from .metrics.okvqa_stem import require_stem_backend
 
-            try:
-                stem_backend()
-            except ImportError as error:
-                raise ValueError(f"okvqa: {error}") from error
+            require_stem_backend()
         answers = vqa_answers(task, annotations, Path(questions) if questions is not None else None)
         id_keys = ["question_id", "image"] if task == "vizwiz" else ["question_id"]
         predicted = _predictions(predictions, id_keys, ["answer"], str)

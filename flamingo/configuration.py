@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .io import atomic_write_text
 
 CONFIG_NAME = "config.json"
+# dtype names accepted by config files and command lines (training's lang_model_dtype, flamingo-eval --dtype).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

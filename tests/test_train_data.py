@@ -435,15 +435,10 @@ def test_two_ranks_together_take_what_one_process_takes_with_double_batch(proces
         assert not set(rows(ranks[0][step])) & set(rows(ranks[1][step]))
 
 
-@pytest.mark.parametrize("streaming,num_workers", [(False, 0), (False, 2), (True, 0), (True, 2)])
-def test_a_resumed_loader_continues_with_the_batches_of_an_uninterrupted_one(processor, tmp_path, streaming, num_workers):
-    path = numbered_dataset(tmp_path, 13, bad={1, 2, 3, 4, 5, 6, 9})
-    fields = dict(streaming=streaming, num_workers=num_workers, batch_size=2, shuffle_buffer=4)
-    expected = take(loader(processor, path, **fields), 9)
-    # With batch size 2, a count of 2 or more means a whole all-bad batch was left out: resume must handle that.
-    assert any(sum(batch["skipped"].values()) >= 2 for batch in expected)
+def take_with_interruptions(processor, path, pieces, **fields):
+    """Batches from a loader restarted after each piece of ``pieces`` steps from its tracker's (JSON) state."""
     seen, state = [], None
-    for steps in (3, 2, 4):  # interrupted twice
+    for steps in pieces:
         tracker = PositionTracker()
         if state is not None:
             tracker.load_state_dict(state)
@@ -451,6 +446,17 @@ def test_a_resumed_loader_continues_with_the_batches_of_an_uninterrupted_one(pro
             tracker.update(batch["position"])
             seen.append(batch)
         state = json.loads(json.dumps(tracker.state_dict()))
+    return seen
+
+
+@pytest.mark.parametrize("streaming,num_workers", [(False, 0), (False, 2), (True, 0), (True, 2)])
+def test_a_resumed_loader_continues_with_the_batches_of_an_uninterrupted_one(processor, tmp_path, streaming, num_workers):
+    path = numbered_dataset(tmp_path, 13, bad={1, 2, 3, 4, 5, 6, 9})
+    fields = dict(streaming=streaming, num_workers=num_workers, batch_size=2, shuffle_buffer=4)
+    expected = take(loader(processor, path, **fields), 9)
+    # With batch size 2, a count of 2 or more means a whole all-bad batch was left out: resume must handle that.
+    assert any(sum(batch["skipped"].values()) >= 2 for batch in expected)
+    seen = take_with_interruptions(processor, path, (3, 2, 4), **fields)  # interrupted twice
     for got, want in zip(seen, expected, strict=True):
         assert rows(got) == rows(want) and got["skipped"] == want["skipped"]
         assert torch.equal(got["labels"], want["labels"]) and torch.equal(got["pixel_values"], want["pixel_values"])
@@ -498,15 +504,7 @@ def test_split_by_shards_resumes_with_the_batches_of_an_uninterrupted_loader(pro
     fields = dict(streaming=True, split_by="shards", num_workers=2, batch_size=2, shuffle_buffer=3, rank=1,
                   world_size=2)
     expected = take(loader(processor, path, **fields), 8)
-    seen, state = [], None
-    for steps in (3, 5):
-        tracker = PositionTracker()
-        if state is not None:
-            tracker.load_state_dict(state)
-        for batch in take(loader(processor, path, start=state, **fields), steps):
-            tracker.update(batch["position"])
-            seen.append(batch)
-        state = json.loads(json.dumps(tracker.state_dict()))
+    seen = take_with_interruptions(processor, path, (3, 5), **fields)
     assert [rows(b) for b in seen] == [rows(b) for b in expected]
     assert [b["skipped"] for b in seen] == [b["skipped"] for b in expected]
 

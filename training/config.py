@@ -17,14 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from flamingo.configuration import CrossAttentionConfig, PerceiverConfig
+from flamingo.configuration import DTYPES, CrossAttentionConfig, PerceiverConfig
 from flamingo_train.data.config import DataConfig
-
-
-LANG_MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -235,8 +231,8 @@ def validate(config: TrainConfig, *, where: str = "config") -> None:
         unknown = sorted(set(getattr(model, name)) - known)
         if unknown:
             raise ValueError(f"{where}: model.{name}: unknown field(s) {unknown}; known fields are {sorted(known)}.")
-    if model.lang_model_dtype not in LANG_MODEL_DTYPES:
-        raise ValueError(f"{where}: model.lang_model_dtype must be one of {sorted(LANG_MODEL_DTYPES)}, got "
+    if model.lang_model_dtype not in DTYPES:
+        raise ValueError(f"{where}: model.lang_model_dtype must be one of {sorted(DTYPES)}, got "
                          f"{model.lang_model_dtype!r}.")
     if schedule.kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"{where}: schedule.kind must be cosine, linear or constant, got {schedule.kind!r}.")

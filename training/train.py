@@ -50,7 +50,8 @@ from flamingo_train.checkpoint import (
     save_checkpoint,
     set_aside_later_checkpoints,
 )
-from flamingo_train.config import LANG_MODEL_DTYPES, ModelConfig, TrainConfig
+from flamingo.configuration import DTYPES
+from flamingo_train.config import ModelConfig, TrainConfig
 from flamingo_train.data.loader import PositionTracker, build_dataloader
 from flamingo_train.optim import build_optimizer, build_scheduler
 
@@ -62,7 +63,7 @@ FINAL = "final"
 
 def load_model(config: ModelConfig) -> tuple[flamingo.Flamingo, flamingo.FlamingoProcessor]:
     """A saved model (``pretrained``) or a fresh one from backbones; the backbones stay frozen (see optim.py)."""
-    dtype = LANG_MODEL_DTYPES[config.lang_model_dtype]
+    dtype = DTYPES[config.lang_model_dtype]
     if config.pretrained is not None:
         directory = Path(config.pretrained)
         model = flamingo.Flamingo.from_pretrained(directory, dtype=dtype)

@@ -113,6 +113,14 @@ def stem_backend() -> str:
     return _backend()[0]
 
 
+def require_stem_backend() -> str:
+    """:func:`stem_backend`, with a missing package reported as a ValueError (a setup error: one line, no traceback)."""
+    try:
+        return stem_backend()
+    except ImportError as error:
+        raise ValueError(f"okvqa: {error} (or: pip install 'flamingo[eval]').") from error
+
+
 def okvqa_stem(text: str) -> str:
     """Stem an OK-VQA prediction word by word (see the module docstring); words are re-joined with single spaces."""
     _, tokenizer, inflection, lemma_ing, plural_flags = _backend()
