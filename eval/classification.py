@@ -74,7 +74,7 @@ def class_log_probs(
             class_ids[j, : len(t)] = torch.tensor(t)
             class_mask[j, : len(t)] = 1
         # Row b * c + j is (sample b, class j): the cache, media and counts are repeated sample-major to match.
-        cache = copy.deepcopy(prefix.past_key_values)
+        cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(c)
         rows_ids, rows_class_mask = class_ids.repeat(batch, 1), class_mask.repeat(batch, 1)  # (B c, Lc)
         attention = torch.cat([mask.repeat_interleave(c, 0), rows_class_mask], dim=1)
@@ -84,7 +84,7 @@ def class_log_probs(
             rows_ids,
             attention_mask=attention,
             media=media.repeat_interleave(c, 0),
-            past_key_values=cache,
+            cache=cache,
             images_before=images_before.repeat_interleave(c),
             use_cache=True,
             **extra,

@@ -1,12 +1,26 @@
-"""Trainable embeddings for the tokens Flamingo adds (``<|endofchunk|>``, ``<image>``, ``<PAD>``).
+"""Trainable rows for the tokens Flamingo adds (``<|endofchunk|>``, ``<image>``, ``<PAD>``), and the embedding
+modules that put them into the language model.
 
-The language model's embedding table and output layer stay frozen. This module holds small trainable tables for the
-added ids only and swaps them in with forward hooks on the LM's input embedding (rows) and output layer (logit
-columns), so "what trains" is a property of the structure (as torchtune's ``FusionEmbedding``) and no gradient
-masking or weight-decay exclusion is needed. When input and output embeddings are tied, one table serves both.
+The LM's own embedding table and output layer stay frozen. :class:`AddedTokenEmbeddings` holds the only copy of the
+added rows (owned by the Flamingo model, trained with it). Two explicit modules, installed with the LM's
+``set_input_embeddings`` / ``set_output_embeddings`` (as torchtune's ``FusionEmbedding`` and IDEFICS's
+``DecoupledEmbedding``), read them:
+
+* :class:`AddedTokenInputEmbedding` looks up the LM's table, then takes the rows of the added ids from the trainable
+  table;
+* :class:`AddedTokenOutputLayer` computes the LM's logits, then the logit columns of the added ids from the trainable
+  rows (the input rows when the LM ties its input and output embeddings).
+
+Both present one merged table under the LM's own key names: ``lang_model.state_dict()`` (and so
+``lang_model.save_pretrained``) holds the trained rows in place, and loading a table into them sets the trainable
+rows. The LM saves as a plain LM that ``AutoModelForCausalLM`` loads back.
+
+Axes: b batch, l tokens, k added tokens, v vocabulary, d width.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -14,50 +28,135 @@ from torch import nn
 
 
 class AddedTokenEmbeddings(nn.Module):
-    """input: (k, d) rows for the k added token ids; output: (k, d) logit rows, or None when tied to input."""
+    """input: (k, d) embedding rows of the k added token ids; output: (k, d) logit rows, None when tied to input.
 
-    def __init__(self, lang_model: nn.Module, token_ids: list[int]):
+    Float32 like the other trainable modules, whatever the frozen LM's dtype (the embedding modules cast).
+    """
+
+    def __init__(
+        self, token_ids: list[int], vocab_size: int, input_rows: torch.Tensor, output_rows: torch.Tensor | None
+    ):
         super().__init__()
-        embedding = lang_model.get_input_embeddings()
-        head = lang_model.get_output_embeddings()
         ids = torch.tensor(token_ids, dtype=torch.long)
-        if len(token_ids) and int(ids.max()) >= embedding.weight.shape[0]:
-            raise ValueError(f"Added token id {int(ids.max())} is outside the LM vocabulary ({embedding.weight.shape[0]}).")
-        slot_of_token = torch.full((embedding.weight.shape[0],), -1, dtype=torch.long)
+        slot_of_token = torch.full((vocab_size,), -1, dtype=torch.long)
         slot_of_token[ids] = torch.arange(len(token_ids))
         self.register_buffer("token_ids", ids, persistent=False)
-        self.register_buffer("slot_of_token", slot_of_token, persistent=False)
-        self.tied = head is None or head.weight is embedding.weight
-        # Float32 like the other trainable modules, whatever the frozen LM's dtype (the hooks cast on the way in).
-        self.input = nn.Parameter(embedding.weight.detach()[ids].float())
-        self.output = None if self.tied else nn.Parameter(head.weight.detach()[ids].float())
-        embedding.register_forward_hook(self._swap_input_rows)
-        if head is not None:
-            head.register_forward_hook(self._swap_output_columns)
+        self.register_buffer("slot_of_token", slot_of_token, persistent=False)  # (v,) row of each id, -1 if none
+        self.input = nn.Parameter(input_rows.detach().float().clone())
+        self.output = None if output_rows is None else nn.Parameter(output_rows.detach().float().clone())
+        self._last_merge: tuple[tuple, weakref.ref] | None = None
 
-    def _swap_input_rows(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        slots = self.slot_of_token.to(args[0].device)[args[0]]  # (b, l), -1 for ordinary tokens
-        rows = self.input.to(output.dtype)[slots.clamp(min=0)] * getattr(module, "embed_scale", 1.0)
-        return torch.where((slots >= 0)[..., None], rows, output)
+    @classmethod
+    def from_lang_model(cls, lang_model: nn.Module, token_ids: list[int]) -> AddedTokenEmbeddings:
+        """Rows initialised from the LM's current tables."""
+        embedding, head = lang_model.get_input_embeddings(), lang_model.get_output_embeddings()
+        vocab = embedding.weight.shape[0]
+        if token_ids and max(token_ids) >= vocab:
+            raise ValueError(f"Added token id {max(token_ids)} is outside the LM vocabulary ({vocab}).")
+        tied = head is None or head.weight is embedding.weight
+        output = None if tied else head.weight[token_ids]
+        return cls(token_ids, vocab, embedding.weight[token_ids], output)
 
-    def _swap_output_columns(self, module: nn.Module, args, logits: torch.Tensor) -> torch.Tensor:
-        hidden = args[0]
-        weight = self.input if self.tied else self.output
-        added = F.linear(hidden, weight.to(hidden.dtype))
-        if getattr(module, "bias", None) is not None:
-            added = added + module.bias[self.token_ids]
-        return logits.index_copy(-1, self.token_ids.to(logits.device), added.to(logits.dtype))
+    @property
+    def tied(self) -> bool:
+        return self.output is None
+
+    def output_rows(self) -> torch.Tensor:
+        return self.input if self.tied else self.output
+
+    def merged(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(v, d) ``table`` with the rows of the added ids replaced by ``rows`` (k, d), as a new tensor.
+
+        The last result is remembered while it is alive, so a tied input table and output layer, which reach the
+        state dict as two views of one tensor, stay one tensor there (``save_pretrained`` then stores it once).
+        """
+        key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype, rows.data_ptr(), rows._version)
+        if self._last_merge is not None and self._last_merge[0] == key:
+            cached = self._last_merge[1]()
+            if cached is not None:
+                return cached
+        merged = table.detach().clone()
+        merged[self.token_ids.to(table.device)] = rows.detach().to(device=table.device, dtype=table.dtype)
+        self._last_merge = (key, weakref.ref(merged))
+        return merged
 
     @torch.no_grad()
-    def reset_from_lang_model(self, lang_model: nn.Module) -> None:
-        """Take the added rows from the LM's current tables (after loading weights into the LM)."""
-        self.input.copy_(lang_model.get_input_embeddings().weight[self.token_ids])
-        if self.output is not None:
-            self.output.copy_(lang_model.get_output_embeddings().weight[self.token_ids])
+    def load_rows(self, table: torch.Tensor, *, output: bool) -> None:
+        """Take the added rows from a (v, d) table being loaded into the LM's input (or untied output) layer."""
+        target = self.output if output and not self.tied else self.input
+        target.copy_(table[self.token_ids.to(table.device)].to(target.dtype))
 
-    @torch.no_grad()
-    def merge_into_lang_model(self, lang_model: nn.Module) -> None:
-        """Write the trained rows into the LM's own tables, so the LM saved on its own is complete."""
-        lang_model.get_input_embeddings().weight[self.token_ids] = self.input.to(lang_model.dtype)
-        if self.output is not None:
-            lang_model.get_output_embeddings().weight[self.token_ids] = self.output.to(lang_model.dtype)
+
+class _MergedTable(nn.Module):
+    """Shared by the two embedding modules: wraps ``inner`` (the LM's own module, frozen) so that the state dict
+    keeps the LM's key names (``<prefix>weight``, not ``<prefix>inner.weight``), with the trained rows merged in."""
+
+    _INNER = "inner."
+
+    def __init__(self, inner: nn.Module, added: AddedTokenEmbeddings, *, output: bool):
+        super().__init__()
+        self.inner = inner
+        # The rows belong to the Flamingo model, which registers and trains them; a second registration here would
+        # put them into the LM's state dict (and FSDP's flat parameters) twice.
+        object.__setattr__(self, "added", added)
+        self._output = output
+        self.register_state_dict_post_hook(_present_merged_table)
+        self.register_load_state_dict_pre_hook(_load_merged_table)
+
+    def rows(self) -> torch.Tensor:
+        return self.added.output_rows() if self._output else self.added.input
+
+    def __getattr__(self, name: str):
+        # HF and user code read attributes of the LM's embedding modules (weight, embedding_dim, padding_idx, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "inner":
+                raise
+            return getattr(self.inner, name)
+
+
+def _present_merged_table(module: _MergedTable, state_dict, prefix, local_metadata) -> None:
+    inner = prefix + _MergedTable._INNER
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+    if prefix + "weight" in state_dict:
+        state_dict[prefix + "weight"] = module.added.merged(state_dict[prefix + "weight"], module.rows())
+
+
+def _load_merged_table(module: _MergedTable, state_dict, prefix, *unused) -> None:
+    if prefix + "weight" in state_dict and not (module._output and module.added.tied):
+        module.added.load_rows(state_dict[prefix + "weight"], output=module._output)
+    inner = prefix + _MergedTable._INNER
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+
+
+class AddedTokenInputEmbedding(_MergedTable):
+    """The LM's input embedding with the added ids' rows from :class:`AddedTokenEmbeddings`: (b, l) -> (b, l, d)."""
+
+    def __init__(self, embedding: nn.Module, added: AddedTokenEmbeddings):
+        super().__init__(embedding, added, output=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embedded = self.inner(input_ids)
+        slots = self.added.slot_of_token.to(input_ids.device)[input_ids]  # (b, l), -1 for the LM's own tokens
+        # The LM's module may scale its output (Gemma's embed_scale); the added rows get the same scale.
+        rows = self.added.input.to(embedded.dtype)[slots.clamp(min=0)] * getattr(self.inner, "embed_scale", 1.0)
+        return torch.where((slots >= 0)[..., None], rows, embedded)
+
+
+class AddedTokenOutputLayer(_MergedTable):
+    """The LM's output layer with the added ids' logit columns from :class:`AddedTokenEmbeddings`:
+    (b, l, d) -> (b, l, v)."""
+
+    def __init__(self, head: nn.Module, added: AddedTokenEmbeddings):
+        super().__init__(head, added, output=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(hidden_states)
+        added = F.linear(hidden_states, self.rows().to(hidden_states.dtype))  # (b, l, k)
+        bias = getattr(self.inner, "bias", None)
+        if bias is not None:
+            added = added + bias[self.added.token_ids.to(bias.device)]
+        return logits.index_copy(-1, self.added.token_ids.to(logits.device), added.to(logits.dtype))

@@ -46,6 +46,10 @@ class CrossAttentionConfig:
     only_attend_immediate_media: bool = True
 
 
+# Fields that early configs stored although the tokens are fixed (flamingo.processing.MEDIA_TOKEN, ...).
+_LEGACY_TOKEN_FIELDS = {"media_token": "<image>", "end_of_chunk_token": "<|endofchunk|>"}
+
+
 @dataclass
 class FlamingoConfig:
     """Everything needed to rebuild a Flamingo model: backbone references, architecture, and special tokens.
@@ -64,8 +68,6 @@ class FlamingoConfig:
     decoder_layers_attr: str | None = None
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
     cross_attention: CrossAttentionConfig = field(default_factory=CrossAttentionConfig)
-    media_token: str = "<image>"
-    end_of_chunk_token: str = "<|endofchunk|>"
     # Filled in when the tokenizer is attached (see ``flamingo.factory``).
     media_token_id: int | None = None
     end_of_chunk_token_id: int | None = None
@@ -82,11 +84,15 @@ class FlamingoConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlamingoConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | set(_LEGACY_TOKEN_FIELDS)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"Unknown FlamingoConfig fields {unknown}; known fields are {sorted(known)}.")
         data = dict(data)
+        for legacy, value in _LEGACY_TOKEN_FIELDS.items():  # written by flamingo 0.1, never read
+            if data.get(legacy, value) != value:
+                raise ValueError(f"config field {legacy}={data[legacy]!r} is not supported; the token is {value!r}.")
+            data.pop(legacy, None)
         data["perceiver"] = PerceiverConfig(**data.get("perceiver", {}))
         data["cross_attention"] = CrossAttentionConfig(**data.get("cross_attention", {}))
         return cls(**data)

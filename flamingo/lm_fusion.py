@@ -1,114 +1,172 @@
-"""Fusing gated cross-attention into a Hugging Face causal LM without changing its class.
+"""Fusing gated cross-attention into a Hugging Face causal LM without changing its class, and undoing it.
 
-The language model keeps its own class, forward, cache and ``generate``. We only replace entries of its decoder
-layer list with :class:`FusedDecoderLayer`, which runs a gated cross-attention block on the hidden states and then
-the original layer. State-dict hooks keep the LM's parameter names unchanged, so ``lang_model.save_pretrained`` and
-checkpoint loading see the original layout (the approach of torchtune's ``FusionLayer``).
+The language model keeps its own class, forward, cache and ``generate``. :class:`LanguageModelFusion` makes every
+change to it, keeps what it replaced, and :meth:`~LanguageModelFusion.unfuse` puts it back:
 
-Per-call visual state lives in one explicit :class:`MediaContext`, bound to a shared :class:`MediaSlot` for the
-duration of a Flamingo call. Outside such a call the slot is empty and the LM computes exactly what it did before.
+* decoder layer ``i`` becomes :class:`FusedDecoderLayer`, which runs gated cross-attention block ``i`` on the hidden
+  states and then the original layer (the approach of torchtune's ``FusionLayer``; state-dict hooks keep the LM's
+  parameter names);
+* the input embedding and output layer become the modules of :mod:`flamingo.added_tokens`;
+* one forward pre-hook on the LM observes each of its forwards (its input ids and the length of the KV cache it
+  continues, read by :func:`flamingo.lm_calls.read_lm_call`) and tells the call's :class:`MediaContext`.
+
+Per-call visual state lives in one explicit :class:`MediaContext`, bound to the model's :class:`MediaSlot` for the
+duration of a Flamingo call. The slot is a context variable, so threads serving one model concurrently each see
+their own call. Outside a Flamingo call the slot is empty and the LM computes exactly what it did before (plus the
+trained rows of the added tokens).
+
+Axes: b batch, l tokens of one LM forward, s tokens of the whole call, t media, n latents, d width.
 """
 
 from __future__ import annotations
 
+import contextvars
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 
+from .added_tokens import AddedTokenEmbeddings, AddedTokenInputEmbedding, AddedTokenOutputLayer
 from .cross_attention import GatedCrossAttentionBlock, MediaMask, media_mask
+from .lm_calls import LMCall, read_lm_call
 
 
 class MediaContext:
     """Visual state for one Flamingo call: media latents, per-token image counts, and cached keys/values.
 
-    media: (b, t, n, d_visual) perceiver output. images_before: (b,) number of ``<image>`` tokens that precede the
-    tokens of the next language-model forward (non-zero when continuing from a KV cache).
+    media: (b, t, n, d_visual) perceiver output. blocks: the cross-attention block of each fused layer index.
+    prompt_ids: (b, s0) the call's input ids. images_before: (b,) ``<image>`` tokens before ``prompt_ids[:, 0]``.
+    prompt_offset: the cache position of ``prompt_ids[:, 0]``: 0 for ``generate`` (its input ids hold the whole
+    sequence, cached part included); None for a forward call, whose ids continue whatever its cache holds.
     """
 
-    def __init__(self, media: torch.Tensor, images_before: torch.Tensor, media_token_id: int):
+    def __init__(
+        self,
+        media: torch.Tensor,
+        blocks: Mapping[int, GatedCrossAttentionBlock],
+        media_token_id: int,
+        prompt_ids: torch.Tensor,
+        images_before: torch.Tensor,
+        prompt_offset: int | None,
+    ):
         self.media = media
-        self.images_before = images_before
-        self._images_at_start = images_before  # before the call's first LM forward
+        self.blocks = blocks
         self.media_token_id = media_token_id
-        self.images_seen: torch.Tensor | None = None  # (b, l), for the tokens of the forward in progress
-        self._keys_values: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prompt_ids = prompt_ids
+        self.images_before = images_before
+        self.offset = prompt_offset
+        # (b, s): the <image> tokens at or before every token of the call so far (the prompt, then what the LM read).
+        self.seen = images_before[:, None] + (prompt_ids == media_token_id).cumsum(dim=1)
+        self.images_seen: torch.Tensor | None = None  # (b, l) for the LM forward in progress
+        self._keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._masks: dict[tuple[bool, torch.device], MediaMask] = {}  # per forward, shared by all blocks
 
     @property
-    def num_latents(self) -> int:
-        return self.media.shape[2]
+    def batch_size(self) -> int:
+        return self.prompt_ids.shape[0]
 
-    def start_lm_forward(self, continues_cache: bool) -> None:
-        """Called as each LM forward begins. One that continues no KV cache (``generate`` with ``use_cache=False``,
-        or for an LM whose config turns the cache off, as MPT's does) reads the whole sequence again, so its images
-        are counted from the start of the call, not from the end of the previous forward."""
-        if not continues_cache:
-            self.images_before = self._images_at_start
+    def expanded(self, copies: int) -> MediaContext:
+        """This context for a batch where each sample is repeated ``copies`` times in a row (``repeat_interleave``),
+        as ``generate`` does for beam search and ``num_return_sequences``."""
+        if copies == 1:
+            return self
+        return MediaContext(
+            self.media.repeat_interleave(copies, dim=0),
+            self.blocks,
+            self.media_token_id,
+            self.prompt_ids.repeat_interleave(copies, dim=0),
+            self.images_before.repeat_interleave(copies, dim=0),
+            self.offset,
+        )
 
-    def observe_input_ids(self, input_ids: torch.Tensor) -> None:
-        """Called at the start of every LM forward with its input ids (b', l): counts images per position."""
-        batch, media_batch = input_ids.shape[0], self.media.shape[0]
-        if batch != media_batch:
-            # generate() repeats each sample for beams / num_return_sequences with repeat_interleave; follow it.
-            if batch % media_batch:
-                raise ValueError(f"input_ids batch {batch} is not a multiple of the media batch {media_batch}.")
-            repeats = batch // media_batch
-            self.media = self.media.repeat_interleave(repeats, dim=0)
-            self.images_before = self.images_before.repeat_interleave(repeats, dim=0)
-            self._images_at_start = self._images_at_start.repeat_interleave(repeats, dim=0)
-            self._keys_values.clear()
-        is_media = (input_ids == self.media_token_id).long()
-        self.images_seen = self.images_before[:, None] + is_media.cumsum(dim=1)
-        self.images_before = self.images_seen[:, -1]
+    def start_lm_forward(self, call: LMCall) -> None:
+        """Count the images before each token of a starting LM forward, from the cache length it continues."""
+        ids, past = call
+        if ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"The language model was run on a batch of {ids.shape[0]} sequences, but the images are for "
+                f"{self.batch_size}. Flamingo follows generate()'s batch expansion for beam search, sampling and "
+                "num_return_sequences; this generation mode changes the batch in another way and is not supported."
+            )
+        if self.offset is None:
+            self.offset = past
+        start = past - self.offset  # where this forward's tokens begin in the call
+        if not 0 <= start <= self.seen.shape[1]:
+            raise ValueError(
+                f"This language-model forward continues a cache of {past} tokens, but the Flamingo call only knows "
+                f"positions {self.offset} to {self.offset + self.seen.shape[1]}. Pass images_before when continuing "
+                "from a cache, and give generate() the whole sequence."
+            )
+        ids = ids.to(self.seen.device)
+        known = self.prompt_ids[:, start : start + ids.shape[1]]  # empty once decoding is past the prompt
+        if known.shape[1] and not torch.equal(ids[:, : known.shape[1]], known):
+            raise ValueError(
+                "The language model was run on tokens that differ from the prompt given to Flamingo at the same "
+                "positions; this generation mode reorders or rewrites the prompt and is not supported."
+            )
+        before = self.images_before if start == 0 else self.seen[:, start - 1]
+        self.images_seen = before[:, None] + (ids == self.media_token_id).cumsum(dim=1)
+        self.seen = torch.cat([self.seen[:, :start], self.images_seen], dim=1)
         self._masks.clear()
 
-    def apply(self, block: GatedCrossAttentionBlock, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Run one gated block on (b, l, d) hidden states; keys/values of the media are computed once per call."""
+    def cross_attend(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Run block ``index`` on (b, l, d) hidden states; its media keys/values are computed once per call."""
         if self.images_seen is None:
-            raise ValueError("Flamingo needs input_ids (not inputs_embeds) to locate the <image> tokens.")
-        kv = self._keys_values.get(block)
+            raise RuntimeError("A fused decoder layer ran before the language model's forward began.")
+        block = self.blocks[index]
+        kv = self._keys_values.get(index)
         if kv is None:
             kv = block.attn.keys_values(self.media.to(hidden_states.device))
-            self._keys_values[block] = kv
+            self._keys_values[index] = kv
         key = (block.attn.immediate, hidden_states.device)
         mask = self._masks.get(key)
         if mask is None:
             seen = self.images_seen.to(hidden_states.device)
-            mask = media_mask(seen, self.media.shape[1], self.num_latents, immediate=block.attn.immediate)
+            mask = media_mask(seen, self.media.shape[1], self.media.shape[2], immediate=block.attn.immediate)
             self._masks[key] = mask
         out = block(hidden_states.to(block.attn_gate.dtype), kv, mask)
         return out.to(hidden_states.dtype)
 
 
 class MediaSlot:
-    """Holds the :class:`MediaContext` of the Flamingo call in progress, if any; the fused layers read it."""
+    """The :class:`MediaContext` of the Flamingo call in progress in this thread (or task), if any."""
 
     def __init__(self):
-        self.context: MediaContext | None = None
+        self._context: contextvars.ContextVar[MediaContext | None] = contextvars.ContextVar("flamingo", default=None)
+
+    # A copied or unpickled model gets a slot of its own (a ContextVar itself can be neither copied nor pickled).
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    @property
+    def context(self) -> MediaContext | None:
+        return self._context.get()
 
     @contextmanager
     def bind(self, context: MediaContext | None) -> Iterator[None]:
-        previous, self.context = self.context, context
+        token = self._context.set(context)
         try:
             yield
         finally:
-            self.context = previous
+            self._context.reset(token)
 
 
 class FusedDecoderLayer(nn.Module):
-    """A decoder layer preceded by a gated cross-attention block: ``layer(xattn(hidden_states), ...)``.
+    """A decoder layer preceded by gated cross-attention: ``layer(xattn_index(hidden_states), ...)``.
 
-    The block is owned by the Flamingo model (``Flamingo.cross_attn_blocks``) and only referenced here, so the
-    language model's parameters and state dict stay exactly its own.
+    The block itself is owned by the Flamingo model (``Flamingo.cross_attn_blocks``) and reached through the call's
+    :class:`MediaContext`, so the language model's parameters and state dict stay exactly its own.
     """
 
-    def __init__(self, decoder_layer: nn.Module, cross_attn: GatedCrossAttentionBlock, slot: MediaSlot):
+    def __init__(self, decoder_layer: nn.Module, index: int, slot: MediaSlot):
         super().__init__()
         self.decoder_layer = decoder_layer
-        object.__setattr__(self, "cross_attn", cross_attn)
-        object.__setattr__(self, "slot", slot)
+        self.index = index
+        self.slot = slot
         self.register_state_dict_post_hook(_drop_wrapper_prefix)
         self.register_load_state_dict_pre_hook(_add_wrapper_prefix)
 
@@ -116,9 +174,9 @@ class FusedDecoderLayer(nn.Module):
         context = self.slot.context
         if context is not None:
             if args:
-                args = (context.apply(self.cross_attn, args[0]), *args[1:])
+                args = (context.cross_attend(self.index, args[0]), *args[1:])
             else:
-                kwargs["hidden_states"] = context.apply(self.cross_attn, kwargs["hidden_states"])
+                kwargs["hidden_states"] = context.cross_attend(self.index, kwargs["hidden_states"])
         return self.decoder_layer(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -189,12 +247,58 @@ def find_decoder_layers(lang_model: nn.Module, attr: str | None = None) -> tuple
     return name, module
 
 
-def fuse_cross_attention(
-    layers: nn.ModuleList, blocks: dict[int, GatedCrossAttentionBlock], slot: MediaSlot
-) -> None:
-    """Replace ``layers[i]`` by ``FusedDecoderLayer(layers[i], blocks[i])`` for every i in ``blocks``, in place."""
-    for index, block in blocks.items():
-        layer = layers[index]
-        if isinstance(layer, FusedDecoderLayer):
-            raise ValueError(f"Decoder layer {index} already has cross-attention fused into it.")
-        layers[index] = FusedDecoderLayer(layer, block, slot)
+class LanguageModelFusion:
+    """Every change Flamingo makes to a language model, with what it replaced, so that :meth:`unfuse` undoes it.
+
+    layers: the LM's decoder layer list. block_indices: the layers that get cross-attention before them.
+    """
+
+    def __init__(
+        self,
+        lang_model: nn.Module,
+        layers: nn.ModuleList,
+        block_indices: list[int],
+        added_tokens: AddedTokenEmbeddings,
+        slot: MediaSlot,
+    ):
+        self.lang_model = lang_model
+        self.slot = slot
+        self._layers = layers
+        self._replaced_layers = {}
+        for index in block_indices:
+            if isinstance(layers[index], FusedDecoderLayer):
+                raise ValueError(f"Decoder layer {index} already has cross-attention fused into it.")
+            self._replaced_layers[index] = layers[index]
+            layers[index] = FusedDecoderLayer(layers[index], index, slot)
+
+        self._input_embedding = lang_model.get_input_embeddings()
+        self._output_layer = lang_model.get_output_embeddings()
+        lang_model.set_input_embeddings(AddedTokenInputEmbedding(self._input_embedding, added_tokens))
+        _check_installed(lang_model.get_input_embeddings(), AddedTokenInputEmbedding, lang_model)
+        if self._output_layer is not None:
+            lang_model.set_output_embeddings(AddedTokenOutputLayer(self._output_layer, added_tokens))
+            _check_installed(lang_model.get_output_embeddings(), AddedTokenOutputLayer, lang_model)
+        self._hook = lang_model.register_forward_pre_hook(self._observe_forward, with_kwargs=True)
+
+    def _observe_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        context = self.slot.context
+        if context is not None:
+            context.start_lm_forward(read_lm_call(args, kwargs))
+
+    def unfuse(self) -> nn.Module:
+        """Put back the original layers, embeddings and output layer, remove the hook; return the plain LM."""
+        self._hook.remove()
+        for index, layer in self._replaced_layers.items():
+            self._layers[index] = layer
+        self.lang_model.set_input_embeddings(self._input_embedding)
+        if self._output_layer is not None:
+            self.lang_model.set_output_embeddings(self._output_layer)
+        return self.lang_model
+
+
+def _check_installed(found: nn.Module | None, expected: type, lang_model: nn.Module) -> None:
+    if not isinstance(found, expected):
+        raise ValueError(
+            f"{type(lang_model).__name__} did not take Flamingo's {expected.__name__} through its "
+            "set_input_embeddings / set_output_embeddings; this language model is not supported."
+        )

@@ -14,32 +14,71 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from .added_tokens import AddedTokenEmbeddings
 from .configuration import FlamingoConfig
 from .cross_attention import GatedCrossAttentionBlock
-from .lm_fusion import MediaContext, MediaSlot, find_decoder_layers, fuse_cross_attention
+from .lm_calls import cache_keyword, cache_length, output_cache
+from .lm_fusion import LanguageModelFusion, MediaContext, MediaSlot, find_decoder_layers
 from .perceiver import PerceiverResampler
+from .processing import MEDIA_TOKEN
 from .vision import VisionEncoder
 
 WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
-class FlamingoOutput(CausalLMOutputWithPast):
-    """``CausalLMOutputWithPast`` plus ``images_seen`` (b,): the ``<image>`` tokens seen up to the end of the input.
+class FlamingoOutput(ModelOutput):
+    """The output of :meth:`Flamingo.forward`.
 
-    Pass it back as ``images_before`` when continuing from ``past_key_values``.
+    loss: scalar, if labels were given. logits: (b, l, vocab). cache: the LM's KV cache (a ``transformers.Cache``),
+    if ``use_cache``. images_seen: (b,) the ``<image>`` tokens seen up to the end of the input; pass it back as
+    ``images_before`` together with ``cache`` to continue. hidden_states, attentions: as the LM returns them.
     """
 
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     images_seen: torch.LongTensor | None = None
+
+    @property
+    def past_key_values(self):
+        """Deprecated name of :attr:`cache` (transformers renamed it in 5.24)."""
+        warnings.warn("FlamingoOutput.past_key_values is deprecated; use .cache.", FutureWarning, stacklevel=2)
+        return self.cache
+
+
+def _renamed(value, old_value, *, new: str, old: str, where: str):
+    """An argument given under its name ``new`` or its deprecated name ``old`` (which warns)."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise ValueError(f"Give {new} or its deprecated name {old}, not both.")
+    warnings.warn(f"{where}({old}=...) is deprecated; pass {new}=.", FutureWarning, stacklevel=3)
+    return old_value
+
+
+def copies_per_sample(lang_model: PreTrainedModel, generation_kwargs: dict) -> int:
+    """How many rows ``generate`` runs for each input sample: ``max(num_beams, num_return_sequences)``.
+
+    transformers repeats every sample that many times in a row (``repeat_interleave``) before the first forward;
+    the media must follow. The settings are merged as ``generate`` merges them: the given ``generation_config`` (or
+    the LM's own), updated by the keyword arguments. The first LM forward checks the result against the prompt.
+    """
+    config = copy.deepcopy(generation_kwargs.get("generation_config") or lang_model.generation_config)
+    config.update(**{k: v for k, v in generation_kwargs.items() if k != "generation_config"})
+    return max(int(config.num_beams or 1), int(config.num_return_sequences or 1))
 
 
 class Flamingo(nn.Module):
@@ -48,6 +87,7 @@ class Flamingo(nn.Module):
 
     Build one with :func:`flamingo.create_model_and_processor`, :meth:`from_pretrained` or
     :func:`flamingo.load_openflamingo`. Trainable: ``perceiver``, ``cross_attn_blocks`` and ``added_tokens``.
+    ``lang_model`` stays a plain HF model; :meth:`unfuse` gives it back exactly as it was.
     """
 
     def __init__(self, config: FlamingoConfig, vision_encoder: VisionEncoder, lang_model: PreTrainedModel):
@@ -74,12 +114,28 @@ class Flamingo(nn.Module):
                 if (i + 1) % every == 0
             }
         )
+        self.added_tokens = AddedTokenEmbeddings.from_lang_model(lang_model, config.added_token_ids)
+        self._cache_keyword = cache_keyword(lang_model)
         self._media_slot = MediaSlot()
-        fuse_cross_attention(layers, {int(i): b for i, b in self.cross_attn_blocks.items()}, self._media_slot)
-        lang_model.register_forward_pre_hook(self._observe_lm_forward, with_kwargs=True)
-        lang_model.get_input_embeddings().register_forward_pre_hook(self._observe_input_ids)
-        self.added_tokens = AddedTokenEmbeddings(lang_model, config.added_token_ids)
+        self._fusion: LanguageModelFusion | None = LanguageModelFusion(
+            lang_model, layers, [int(i) for i in self.cross_attn_blocks], self.added_tokens, self._media_slot
+        )
         self.freeze_backbones()
+
+    def unfuse(self) -> PreTrainedModel:
+        """Remove Flamingo from the language model and return it, bit-identical to the LM this model was built on.
+
+        The Flamingo model cannot run afterwards. (To keep the trained rows of the added tokens in a plain LM, save
+        ``model.lang_model`` with ``save_pretrained`` before unfusing.)
+        """
+        if self._fusion is None:
+            raise ValueError("This Flamingo model has already been unfused.")
+        lang_model, self._fusion = self._fusion.unfuse(), None
+        return lang_model
+
+    def _check_fused(self) -> None:
+        if self._fusion is None:
+            raise ValueError("This Flamingo model was unfused; its language model no longer has cross-attention.")
 
     # ------------------------------------------------------------------------------------------ parameters
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -123,7 +179,10 @@ class Flamingo(nn.Module):
         pixel_values: torch.Tensor | None,
         media: torch.Tensor | None,
         images_before: torch.Tensor | None,
+        *,
+        prompt_offset: int | None,
     ) -> MediaContext:
+        self._check_fused()
         if input_ids is None or input_ids.ndim != 2:
             shape = None if input_ids is None else tuple(input_ids.shape)
             raise ValueError(f"input_ids must be a (B, L) tensor of token ids; got {shape}.")
@@ -135,31 +194,22 @@ class Flamingo(nn.Module):
             raise ValueError(f"media must be (B, T_img, n_latents, D) perceiver output; got {tuple(media.shape)}.")
         if images_before is None:
             images_before = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        images_before = images_before.to(input_ids.device)
         mentioned = images_before + (input_ids == self.config.media_token_id).sum(dim=1)
         available = 0 if media is None else media.shape[1]
         if media is not None and media.shape[0] != input_ids.shape[0]:
             raise ValueError(f"pixel_values has batch size {media.shape[0]} but input_ids has {input_ids.shape[0]}.")
         if int(mentioned.max()) > available:
             raise ValueError(
-                f"The text has {int(mentioned.max())} {self.config.media_token} token(s) in a sample but only "
+                f"The text has {int(mentioned.max())} {MEDIA_TOKEN} token(s) in a sample but only "
                 f"{available} image(s) per sample were given."
             )
         if media is None:
             # Text only: the blocks still run (their feed-forward branch applies to every token, as in the paper),
             # so a text's logits do not depend on whether unrelated images were passed along.
             media = self.perceiver.latents.new_zeros(input_ids.shape[0], 0, *self.perceiver.latents.shape)
-        return MediaContext(media, images_before, self.config.media_token_id)
-
-    def _observe_lm_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        context = self._media_slot.context
-        if context is not None:
-            past = kwargs.get("past_key_values")
-            context.start_lm_forward(past is not None and _cache_length(past) > 0)
-
-    def _observe_input_ids(self, module: nn.Module, args: tuple) -> None:
-        context = self._media_slot.context
-        if context is not None:
-            context.observe_input_ids(args[0])
+        blocks = {int(i): block for i, block in self.cross_attn_blocks.items()}
+        return MediaContext(media, blocks, self.config.media_token_id, input_ids, images_before, prompt_offset)
 
     def forward(
         self,
@@ -167,40 +217,42 @@ class Flamingo(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = None,
         media: torch.Tensor | None = None,
         images_before: torch.LongTensor | None = None,
+        past_key_values=None,
         **lang_model_kwargs,
     ) -> FlamingoOutput:
         """Logits (and loss, if ``labels``; -100 is ignored) for interleaved text and images.
 
         input_ids, attention_mask, labels: (b, l). pixel_values: (b, t, f, c, h, w) or (b, t, c, h, w), or give
-        ``media`` (b, t, n, d) from :meth:`encode_media` to reuse encoded images. When continuing from
-        ``past_key_values``, give ``images_before`` (b,): the ``images_seen`` of the previous output.
+        ``media`` (b, t, n, d) from :meth:`encode_media` to reuse encoded images. To continue from a KV cache, give
+        the previous output's ``cache`` and its ``images_seen`` as ``images_before`` (b,). ``past_key_values`` is
+        the deprecated name of ``cache``.
         """
-        if past_key_values is not None and images_before is None and _cache_length(past_key_values) > 0:
-            raise ValueError("Continuing from past_key_values needs images_before (the previous output's images_seen).")
-        context = self._media_context(input_ids, pixel_values, media, images_before)
+        cache = _renamed(cache, past_key_values, new="cache", old="past_key_values", where="Flamingo.forward")
+        if cache is not None and images_before is None and cache_length(cache) > 0:
+            raise ValueError("Continuing from a cache needs images_before (the previous output's images_seen).")
+        context = self._media_context(input_ids, pixel_values, media, images_before, prompt_offset=None)
+        if cache is not None:
+            lang_model_kwargs[self._cache_keyword] = cache
         with self._media_slot.bind(context):
             out = self.lang_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 labels=labels,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 return_dict=True,
                 **lang_model_kwargs,
             )
-        before = images_before if images_before is not None else 0
-        images_seen = before + (input_ids == self.config.media_token_id).sum(dim=1)
         return FlamingoOutput(
             loss=out.loss,
             logits=out.logits,
-            past_key_values=out.past_key_values,
+            cache=output_cache(out),
             hidden_states=out.hidden_states,
             attentions=out.attentions,
-            images_seen=images_seen,
+            images_seen=context.seen[:, -1],
         )
 
     @torch.no_grad()
@@ -216,17 +268,27 @@ class Flamingo(nn.Module):
 
         Images are encoded once, and each cross-attention block computes its media keys/values once per call.
         Stops at ``<|endofchunk|>`` unless ``eos_token_id`` is given. Beam search, sampling and
-        ``num_return_sequences`` work as in HF; the media follow the expanded batch. ``<image>`` is never generated,
-        since a generated image token would have no image.
+        ``num_return_sequences`` work as in HF; the media follow the expanded batch (:func:`copies_per_sample`).
+        ``<image>`` is never generated, since a generated image token would have no image. To continue a KV
+        cache, pass it as ``cache`` with the whole sequence as ``input_ids`` (the transformers convention).
         """
-        context = self._media_context(input_ids, pixel_values, media, None)
+        cache = _renamed(
+            generation_kwargs.pop("cache", None),
+            generation_kwargs.pop("past_key_values", None),
+            new="cache",
+            old="past_key_values",
+            where="Flamingo.generate",
+        )
+        if cache is not None:
+            generation_kwargs[self._cache_keyword] = cache
         generation_kwargs.setdefault("eos_token_id", self.config.end_of_chunk_token_id)
         generation_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
         suppress = set(generation_kwargs.pop("suppress_tokens", None) or []) | {self.config.media_token_id}
+        generation_kwargs["suppress_tokens"] = sorted(suppress)
+        context = self._media_context(input_ids, pixel_values, media, None, prompt_offset=0)
+        context = context.expanded(copies_per_sample(self.lang_model, generation_kwargs))
         with self._media_slot.bind(context):
-            return self.lang_model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, suppress_tokens=sorted(suppress), **generation_kwargs
-            )
+            return self.lang_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
 
     # ------------------------------------------------------------------------------------------ saving
     def trainable_state_dict(self, full_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -257,12 +319,13 @@ class Flamingo(nn.Module):
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(f"Weights do not match this model: missing {missing[:10]}, unexpected {unexpected[:10]}.")
-        for prefix, module in self.trainable_modules().items():
-            part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-            module.load_state_dict(part, strict=True)
+        # The LM's part first: a saved embedding table also sets the added rows, which the module weights then give.
         lang_part = {k[len("lang_model.") :]: v for k, v in state.items() if k.startswith("lang_model.")}
         if lang_part:
             self.lang_model.load_state_dict(lang_part, strict=False)
+        for prefix, module in self.trainable_modules().items():
+            part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(part, strict=True)
 
     def save_pretrained(
         self, directory: str | Path, *, save_backbones: bool = False, state_dict: dict[str, torch.Tensor] | None = None
@@ -282,14 +345,21 @@ class Flamingo(nn.Module):
         save_model(self, Path(directory), save_backbones=save_backbones, state_dict=state_dict)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **kwargs) -> Flamingo:
-        """Rebuild a model written by :meth:`save_pretrained`. kwargs: ``torch_dtype``, ``trust_remote_code``."""
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> Flamingo:
+        """Rebuild a model written by :meth:`save_pretrained`.
+
+        dtype: the language model's dtype (default: as saved). trust_remote_code: run the LM's own code from its
+        directory or hub repo; default: what the saved config says (it is only ever set by the user who built the
+        model). torch_dtype: the deprecated name of ``dtype``.
+        """
         from .pretrained import load_model
 
-        return load_model(Path(directory), **kwargs)
-
-
-def _cache_length(past_key_values) -> int:
-    if hasattr(past_key_values, "get_seq_length"):
-        return int(past_key_values.get_seq_length())
-    return int(past_key_values[0][0].shape[-2]) if len(past_key_values) else 0
+        dtype = _renamed(dtype, torch_dtype, new="dtype", old="torch_dtype", where="Flamingo.from_pretrained")
+        return load_model(Path(directory), dtype=dtype, trust_remote_code=trust_remote_code)

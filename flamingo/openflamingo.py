@@ -161,7 +161,7 @@ def load_openflamingo(
             raise ValueError(f"The OpenFlamingo checkpoint lacks {len(missing)} Flamingo weights, e.g. {missing[:5]}.")
 
         lang_own = model.lang_model.state_dict()
-        changed = []
+        changed = {}
         for key, value in lang.items():
             if key not in lang_own:
                 raise ValueError(
@@ -173,9 +173,9 @@ def load_openflamingo(
                     f"{tuple(lang_own[key].shape)}; check lang_model and tokenizer."
                 )
             if not torch.equal(lang_own[key], value.to(lang_own[key].dtype)):
-                lang_own[key].copy_(value)
-                changed.append(key)
-    model.added_tokens.reset_from_lang_model(model.lang_model)
+                changed[key] = value
+    # Through load_state_dict, so that a trained embedding table also sets the rows of the added tokens.
+    model.lang_model.load_state_dict(changed, strict=False)
     # Frozen LM weights that OpenFlamingo trained (its full embedding table) travel with our saved weights.
-    model.config.saved_lang_params = sorted(set(changed))
+    model.config.saved_lang_params = sorted(changed)
     return model, processor

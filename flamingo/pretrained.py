@@ -25,7 +25,7 @@ def save_model(model: Flamingo, directory: Path, *, save_backbones: bool, state_
     directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     if save_backbones:
-        model.added_tokens.merge_into_lang_model(model.lang_model)
+        # The LM's state dict holds the trained rows of the added tokens (flamingo.added_tokens), so it saves whole.
         model.lang_model.save_pretrained(directory / LANG_MODEL_DIR)
         atomic_save_safetensors(directory / VISION_WEIGHTS_NAME, model.vision_encoder.visual.state_dict())
         config.lang_model, config.vision_pretrained = LANG_MODEL_DIR, VISION_WEIGHTS_NAME
@@ -41,8 +41,12 @@ def save_model(model: Flamingo, directory: Path, *, save_backbones: bool, state_
     config.save(directory)  # last: a directory with a config is complete
 
 
-def load_model(directory: Path, *, dtype: torch.dtype | None = None) -> Flamingo:
+def load_model(
+    directory: Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool | None = None
+) -> Flamingo:
     config = FlamingoConfig.load(directory)
+    if trust_remote_code is not None:
+        config.trust_remote_code = trust_remote_code
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{directory} holds no {WEIGHTS_NAME}.")

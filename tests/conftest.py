@@ -15,8 +15,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="flamingo-tests-datasets-"))
 
 import pytest  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from flamingo.testing import FAMILIES, register_tiny_vision_config, save_tiny_lm, save_tiny_vision_weights  # noqa: E402
+
+# transformers' "Loading weights" bars would fill every captured failure report with thousands of characters.
+transformers_logging.disable_progress_bar()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The OpenFlamingo reference implementation (open_flamingo 2.0.1) on the tiny backbones, and its checkpoint layouts.
 
-Used by ``test_openflamingo.py``. The reference needs two small patches to run on transformers 5; they are applied
+Used by ``test_openflamingo.py``. The reference needs three small patches to run on transformers 5; they are applied
 by a fixture there (see :func:`patched_forwards`), never to the installed package.
 """
 
@@ -20,7 +20,7 @@ ATTN_GATE, FF_GATE = 0.8, -0.5
 
 
 def patched_forwards():
-    """``{(class, name): replacement}``: the two forwards of open_flamingo 2.0.1 that break on transformers 5.
+    """``{(class, name): replacement}``: the parts of open_flamingo 2.0.1 that break on transformers 5.
 
     1. ``FlamingoLayer.forward(self, lang_x, attention_mask=None, **kw)`` takes the decoder layer's other arguments
        by keyword only, but GPT-2 calls its blocks with positional ones (``block(hidden, past, mask, ...)``), which
@@ -31,7 +31,11 @@ def patched_forwards():
        builds padding-aware position ids (from the attention mask) only for a forward that declares them; so it
        declares ``position_ids`` and hands them on to LMs whose own forward takes them. (Under the transformers 4
        of OpenFlamingo's time, GPT-2 built them itself; without this, left-padded GPT-2 generation would shift the
-       absolute positions of the padded samples.)
+       absolute positions of the padded samples.) It also hands the KV cache on under the name the LM's forward
+       declares: OpenFlamingo passes ``past_key_values``, which transformers 5.24 deprecates for ``cache``.
+
+    3. ``FlamingoLayer`` hides the attributes of the decoder layer it wraps; Qwen2 in transformers < 5.24 reads
+       ``layer.attention_type`` off its layers. The replacement ``__getattr__`` forwards unknown names to the layer.
 
     None of this changes what the reference computes in a plain forward.
     """
@@ -54,9 +58,24 @@ def patched_forwards():
         lm_forward_params = inspect.signature(super(ofl.FlamingoLMMixin, self).forward).parameters
         if position_ids is not None and "position_ids" in lm_forward_params:
             kwargs["position_ids"] = position_ids
+        past = kwargs.pop("past_key_values", None)  # the name transformers >= 5.24 deprecates
+        if past is not None:
+            kwargs["cache" if "cache" in lm_forward_params else "past_key_values"] = past
         return original_lm_forward(self, input_ids, attention_mask, **kwargs)
 
-    return {(ofl.FlamingoLayer, "forward"): layer_forward, (ofl.FlamingoLMMixin, "forward"): lm_forward}
+    def layer_getattr(self, name):
+        try:
+            return torch.nn.Module.__getattr__(self, name)
+        except AttributeError:
+            if name == "decoder_layer":
+                raise
+            return getattr(self.decoder_layer, name)
+
+    return {
+        (ofl.FlamingoLayer, "forward"): layer_forward,
+        (ofl.FlamingoLayer, "__getattr__"): layer_getattr,
+        (ofl.FlamingoLMMixin, "forward"): lm_forward,
+    }
 
 
 def build_reference(family, vision, lm_dir, seed=0):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,14 @@ def test_readme_evaluation_example_runs_and_writes_results_and_predictions(tmp_p
     }
     assert len(list((tmp_path / "runs/eval/predictions").glob("*.json"))) == 8
     assert "| coco" in result.stdout  # the markdown table
+
+
+def test_every_path_the_readme_names_exists():
+    """A reader opens the files the README names: each `folder/...` path in it must exist in the repository."""
+    text = (ROOT / "README.md").read_text()
+    top = ("flamingo/", "training/", "eval/", "scripts/", "tests/", "bench/", "notebooks/", ".ci/")
+    top += ("flamingo_train/", "flamingo_eval/")  # import names, which a reader may take for folders
+    paths = {p for p in re.findall(r"`([\w.-]+/[\w./-]*)`", text) if p.startswith(top)}
+    assert len(paths) > 20  # the README really is read: it names many files
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, f"README names paths that do not exist: {missing}"

@@ -86,18 +86,25 @@ def test_single_images_may_be_given_without_a_frame_axis(tiny_vision, tiny_llama
 
 
 def test_video_frames_get_distinct_frame_embeddings(tiny_vision, tiny_llama_dir):
-    """The same two frames in the other order give other latents: frame order reaches the model."""
+    """The same two frames in the other order give other latents and other logits: frame order reaches the text.
+    A one-frame video is exactly an image."""
     model, processor = build_tiny_model(tiny_vision, tiny_llama_dir)
     frames = processor(text="<image><image>", images=random_images(2))["pixel_values"][:, :, 0]  # (1, 2, c, h, w)
     video = frames[:, None]  # (b=1, t=1, f=2, c, h, w)
+    ids = processor(text="Before. <image>A video of", images=random_images(1))["input_ids"]
+    first_image = int((ids[0] == model.config.media_token_id).nonzero()[0])
     with torch.no_grad():
         forward_order = model.encode_media(video)
         reverse_order = model.encode_media(video.flip(2))
-        ids = processor(text="<image>A video of", images=random_images(1))["input_ids"]
         logits = model(input_ids=ids, pixel_values=video).logits
+        reversed_logits = model(input_ids=ids, pixel_values=video.flip(2)).logits
+        one_frame = model(input_ids=ids, pixel_values=frames[:, :1, None]).logits  # (1, 1, f=1, c, h, w)
+        image = model(input_ids=ids, pixel_values=frames[:, :1]).logits  # (1, 1, c, h, w)
     assert forward_order.shape == (1, 1, 4, model.vision_encoder.width)
     assert not torch.allclose(forward_order, reverse_order, atol=1e-4)
-    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[:, :first_image], reversed_logits[:, :first_image], rtol=0, atol=0)
+    assert not torch.allclose(logits[:, first_image:], reversed_logits[:, first_image:], atol=1e-4)
+    assert torch.equal(one_frame, image)
 
 
 def test_bf16_forward_on_cpu_matches_fp32(tiny_vision, tiny_llama_dir):

@@ -35,15 +35,16 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def openflamingo_on_transformers_5():
-    """open_flamingo 2.0.1 predates transformers 5: patch two of its forwards for this module only.
+    """open_flamingo 2.0.1 predates transformers 5: patch three of its methods for this module only.
 
     ``FlamingoLayer.forward`` takes the decoder layer's arguments by keyword, but GPT-2 passes them positionally.
     ``FlamingoLMMixin.forward(input_ids, attention_mask, **kw)`` requires ``attention_mask``, which transformers 5
-    ``generate`` drops when it is all ones, and hides ``position_ids``, so that ``generate`` would not derive them
-    from the left padding (GPT-2's absolute positions would shift). The replacements pass positional arguments
-    through, default the mask to None and declare ``position_ids`` (details in ``patched_forwards``); a plain forward
-    computes exactly what the originals compute. ``MonkeyPatch`` undoes both when the module's tests are done;
-    the installed package is never edited.
+    ``generate`` drops when it is all ones, hides ``position_ids``, so that ``generate`` would not derive them
+    from the left padding (GPT-2's absolute positions would shift), and passes the cache under its deprecated name.
+    ``FlamingoLayer`` hides its decoder layer's attributes, which Qwen2 reads. The replacements pass positional
+    arguments through, default the mask to None, declare ``position_ids``, rename the cache argument and forward
+    attributes (details in ``patched_forwards``); a plain forward computes exactly what the originals compute.
+    ``MonkeyPatch`` undoes them when the module's tests are done; the installed package is never edited.
     """
     with pytest.MonkeyPatch.context() as patch:
         for (owner, name), replacement in patched_forwards().items():
@@ -100,8 +101,9 @@ def _logits(model, batch):
 
 
 def _input_embedding_name(model):
-    weight = model.lang_model.get_input_embeddings().weight
-    return next(name for name, param in model.lang_model.named_parameters() if param is weight)
+    """The state-dict key of the LM's input embedding table."""
+    embedding = model.lang_model.get_input_embeddings()
+    return next(name for name, module in model.lang_model.named_modules() if module is embedding) + ".weight"
 
 
 def test_the_batch_is_left_padded_with_a_padding_image_and_text_before_the_first_image(openflamingo_case):

@@ -62,6 +62,19 @@ def test_save_and_reload_gives_bit_identical_logits(family, tmp_path, tiny_visio
         assert torch.equal(value, model.trainable_state_dict()[name]), name
 
 
+def test_from_pretrained_takes_the_documented_dtype_and_trust_remote_code(tmp_path, tiny_vision, tiny_llama_dir):
+    model, _ = build_tiny_model(tiny_vision, tiny_llama_dir)
+    model.save_pretrained(tmp_path)
+    loaded = flamingo.Flamingo.from_pretrained(tmp_path, dtype=torch.bfloat16, trust_remote_code=False)
+    assert {p.dtype for p in loaded.lang_model.parameters()} == {torch.bfloat16}
+    assert loaded.config.trust_remote_code is False
+    with pytest.warns(FutureWarning, match="torch_dtype"):
+        old_name = flamingo.Flamingo.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in old_name.lang_model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="not both"):
+        flamingo.Flamingo.from_pretrained(tmp_path, dtype=torch.float32, torch_dtype=torch.bfloat16)
+
+
 def test_default_save_holds_only_config_and_trainable_weights_and_refers_to_the_backbones(
     tmp_path, tiny_vision, tiny_lm_dir
 ):

@@ -64,3 +64,10 @@ def final_weights(output_dir):
 
 def bitwise_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def frozen_parameters(module: torch.nn.Module) -> dict:
+    """A backbone's own parameters, each of which must be frozen."""
+    parameters = dict(module.named_parameters())
+    assert not any(p.requires_grad for p in parameters.values())
+    return parameters
