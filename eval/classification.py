@@ -1,10 +1,14 @@
-"""Rank classification (ImageNet, HatefulMemes): score every class name by its mean per-token log-probability.
+"""Rank classification (ImageNet, HatefulMemes, binding): score each candidate by its mean per-token log-probability.
 
 The prompt (demos + query image + "Output:") is the same for every class, so it is run ONCE with a KV cache; the
 class names are then scored against copies of that cache, ``class_batch_size`` classes at a time. The class tokens
 continue from the cache with ``images_before = prefix.images_seen``, so they attend to the query image
 (OpenFlamingo's cached path dropped the images there). :func:`class_log_probs_reference` is the plain computation,
 one full forward per (sample, class), kept for the equivalence test and the benchmark.
+
+:func:`candidate_log_probs` is that computation for per-row candidate lists (binding ranks each episode's own
+words, tokenized in context by :func:`continuation_token_ids`); :func:`class_log_probs` is it with the same class
+names in every row.
 
 Memory: a class batch holds ``B * class_batch_size`` copies of the prompt's cache; lower ``class_batch_size`` for
 long prompts on large models (1 reproduces OpenFlamingo's loop over classes).
@@ -47,6 +51,39 @@ def class_log_probs(
 
     prompts: B strings ending where the class name goes; media: (B, T_img, n, d) pre-encoded images.
     """
+    tokens = class_token_ids(tokenizer, class_names)
+    rows = candidate_log_probs(
+        model, tokenizer, prompts=prompts, media=media, candidates=[tokens] * len(prompts), class_batch_size=class_batch_size
+    )
+    return torch.stack(rows)
+
+
+def continuation_token_ids(tokenizer, prompt: str, continuations) -> list[list[int]]:
+    """The tokens each continuation adds to ``prompt``: tokens(prompt + c) past tokens(prompt), as lm-eval-harness
+    does, so a continuation starting with a space (" dax.") is split as it is inside running text. Where the
+    prompt's own tokens change at the seam, the continuation is tokenized on its own instead."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    out = []
+    for text in continuations:
+        whole = tokenizer(prompt + text)["input_ids"]
+        ids = whole[len(prompt_ids) :] if whole[: len(prompt_ids)] == prompt_ids else None
+        out.append(ids or tokenizer(text, add_special_tokens=False)["input_ids"])
+    empty = [text for text, ids in zip(continuations, out) if not ids]
+    if empty:
+        raise ValueError(f"Continuations {empty[:5]} tokenize to nothing; every choice needs at least one token.")
+    return out
+
+
+@torch.no_grad()
+def candidate_log_probs(
+    model, tokenizer, *, prompts: list[str], media: torch.Tensor, candidates: list[list[list[int]]], class_batch_size: int = 8
+) -> list[torch.Tensor]:
+    """Mean per-token log-probability of each row's own candidates: B tensors, row b of shape (len(candidates[b]),).
+
+    prompts: B strings ending where a candidate goes; media: (B, T_img, n, d); candidates[b]: the token ids of row
+    b's candidates (classification: the same class names in every row; binding: each episode's words). Rows with
+    fewer candidates than the longest list are padded with copies of their last one, whose scores are dropped.
+    """
     device = model.device
     encoded = tokenizer(prompts, padding="longest", padding_side="left", return_tensors="pt")
     input_ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
@@ -63,20 +100,21 @@ def class_log_probs(
         media = media[torch.arange(batch, device=media.device), images_before.to(media.device) - 1][:, None]
         images_before = torch.ones_like(images_before)
 
-    tokens = class_token_ids(tokenizer, class_names)
-    scores = torch.empty(batch, len(tokens))
-    for start in range(0, len(tokens), class_batch_size):
-        chunk = tokens[start : start + class_batch_size]
-        c, longest = len(chunk), max(len(t) for t in chunk)
-        class_ids = torch.full((c, longest), tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
-        class_mask = torch.zeros(c, longest, dtype=torch.long, device=device)
-        for j, t in enumerate(chunk):
-            class_ids[j, : len(t)] = torch.tensor(t)
-            class_mask[j, : len(t)] = 1
+    most = max(len(row) for row in candidates)
+    padded = [list(row) + [row[-1]] * (most - len(row)) for row in candidates]
+    scores = torch.empty(batch, most)
+    for start in range(0, most, class_batch_size):
+        chunks = [row[start : start + class_batch_size] for row in padded]  # B lists of c token lists
+        c, longest = len(chunks[0]), max(len(t) for chunk in chunks for t in chunk)
         # Row b * c + j is (sample b, class j): the cache, media and counts are repeated sample-major to match.
+        rows_ids = torch.full((batch * c, longest), tokenizer.pad_token_id or 0, dtype=torch.long, device=device)
+        rows_class_mask = torch.zeros(batch * c, longest, dtype=torch.long, device=device)
+        for b, chunk in enumerate(chunks):
+            for j, t in enumerate(chunk):
+                rows_ids[b * c + j, : len(t)] = torch.tensor(t)
+                rows_class_mask[b * c + j, : len(t)] = 1
         cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(c)
-        rows_ids, rows_class_mask = class_ids.repeat(batch, 1), class_mask.repeat(batch, 1)  # (B c, Lc)
         attention = torch.cat([mask.repeat_interleave(c, 0), rows_class_mask], dim=1)
         if extra:
             extra = {"position_ids": _positions(rows_class_mask, prefix_length.repeat_interleave(c))}
@@ -96,7 +134,7 @@ def class_log_probs(
         per_token = torch.cat([first, rest], dim=1) * rows_class_mask
         mean = per_token.sum(1) / rows_class_mask.sum(1)
         scores[:, start : start + c] = mean.view(batch, c).cpu()
-    return scores
+    return [scores[b, : len(row)] for b, row in enumerate(candidates)]
 
 
 @torch.no_grad()

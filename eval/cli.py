@@ -15,6 +15,15 @@ Real runs::
     flamingo-eval score --task vqav2 --predictions preds/vqav2-4shot-seed42.json \
         --annotations v2_mscoco_val2014_annotations.json --questions v2_OpenEnded_mscoco_val2014_questions.json
 
+Custom data (``flamingo_eval.data``; binding episodes: ``flamingo_eval.binding``)::
+
+    flamingo-eval run --model my-flamingo --tasks custom --custom-kind caption|vqa|binding --data-dir DIR ...
+    flamingo-eval run ... --demo-separator ''      # demos joined as in training: <image>a<|endofchunk|><image>b...
+
+``--tasks``, ``--custom-kind``, the per-task path flags and ``score --task`` list the tasks registered in
+``flamingo_eval.tasks``. ``--num-beams``, ``--max-new-tokens`` and ``--demo-separator`` (escapes decoded: ``'\\n'``)
+override the task's own setting.
+
 Files: ``--data-dir`` holds one folder per task in the layout of ``flamingo_eval.data`` (or is one task's folder);
 any file can be overridden with ``--path task.key=FILE`` or the per-task flags (``--coco-karpathy-json FILE``,
 ``--vqav2-test-annotations ""`` for a split without answers, e.g. a test-dev export). A rerun with the same
@@ -29,13 +38,25 @@ import json
 import sys
 from pathlib import Path
 
-from .data import TASKS, default_layout
+from .score import scored_tasks
+from .tasks import custom_kinds, task_names, tasks_named
 
 DEFAULT_SEEDS = (42, 43, 44)
 
 
-def _layout_keys(task: str) -> list[str]:
-    return list(default_layout(task, Path(".")))
+def _layout_keys(name: str) -> list[str]:
+    """The layout keys of every task registered as ``name`` (custom's kinds share theirs), in layout order."""
+    return list(dict.fromkeys(key for task in tasks_named(name) for key in task.layout))
+
+
+def parse_escapes(value: str) -> str:
+    """``--demo-separator '\\n'`` -> a newline: Python string escapes (\\n, \\t, \\\\, \\x0a, \\u2028) are decoded;
+    other text, non-ASCII included, is kept as typed. ``""`` is the empty separator."""
+    try:
+        # backslashreplace first, so non-ASCII text survives the latin-1 round trip of unicode_escape.
+        return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as error:
+        raise argparse.ArgumentTypeError(f"bad escape sequence in {value!r}: {error.reason}") from error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--model", type=Path, required=True, help="directory written by Flamingo.save_pretrained (+ processor)"
     )
-    run.add_argument("--tasks", nargs="+", required=True, choices=TASKS)
+    run.add_argument("--tasks", nargs="+", required=True, choices=task_names())
     run.add_argument("--shots", nargs="+", type=int, default=[0, 4, 8, 16, 32])
     run.add_argument("--trials", type=int, default=None, help="number of seeds (default: len(--seeds), else 1)")
     run.add_argument(
@@ -56,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--data-dir", type=Path, default=None)
     run.add_argument("--path", action="append", default=[], metavar="TASK.KEY=FILE", help="override one data file")
-    run.add_argument("--custom-kind", choices=("caption", "vqa"), default=None, help="what --tasks custom holds")
+    run.add_argument("--custom-kind", choices=custom_kinds(), default=None, help="what --tasks custom holds")
     run.add_argument("--rices", action="store_true", help="demos by CLIP image similarity instead of at random")
     run.add_argument(
         "--rices-vision-model", default=None, help="open_clip model for RICES (default: the model's tower)"
@@ -69,13 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--class-batch-size", type=int, default=8, help="class names scored per cached-prompt copy")
     run.add_argument("--num-beams", type=int, default=None)
     run.add_argument("--max-new-tokens", type=int, default=None)
+    run.add_argument(
+        "--demo-separator",
+        type=parse_escapes,
+        default=None,
+        metavar="TEXT",
+        help="text between demos, escapes decoded ('\\n', or '' as in training's chunk layout); default: the task's",
+    )
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     run.add_argument("--output", type=Path, default=Path("results.json"))
     run.add_argument("--predictions-dir", type=Path, default=None, help="write official-format prediction files here")
     files = run.add_argument_group(
         "data files", "override single entries of the --data-dir layout (flamingo_eval.data)"
     )
-    for task in TASKS:
+    for task in task_names():
         for key in _layout_keys(task):
             files.add_argument(
                 f"--{task.replace('_', '-')}-{key.replace('_', '-')}",
@@ -85,9 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
 
     score = commands.add_parser("score", help="score an official-format predictions file; prints one JSON object")
-    score.add_argument(
-        "--task", required=True, choices=("coco", "flickr30k", "vqav2", "okvqa", "textvqa", "vizwiz", "hateful_memes")
-    )
+    score.add_argument("--task", required=True, choices=scored_tasks())
     score.add_argument("--predictions", type=Path, required=True)
     score.add_argument("--annotations", type=Path, required=True)
     score.add_argument("--questions", type=Path, default=None)
@@ -113,15 +139,16 @@ def config_from_args(args: argparse.Namespace):
     for item in args.path:
         name, sep, value = item.partition("=")
         task, dot, key = name.partition(".")
-        if not sep or not dot or task not in TASKS:
-            raise ValueError(f"--path {item!r}: expected TASK.KEY=FILE with TASK one of {TASKS}.")
+        if not sep or not dot or task not in task_names():
+            raise ValueError(f"--path {item!r}: expected TASK.KEY=FILE with TASK one of {task_names()}.")
         paths.setdefault(task, {})[key] = value
     for name, value in vars(args).items():
         if name.startswith("path__") and value is not None:
             _, task, key = name.split("__")
             paths.setdefault(task, {})[key] = value
-    if "custom" in args.tasks and args.custom_kind is None:
-        raise ValueError("--tasks custom needs --custom-kind caption|vqa.")
+    for name in args.tasks:
+        if custom_kinds(name) and args.custom_kind is None:
+            raise ValueError(f"--tasks {name} needs --custom-kind {'|'.join(custom_kinds(name))}.")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise ValueError(f"--data-dir {args.data_dir}: directory not found.")
     return EvalConfig(
@@ -144,6 +171,7 @@ def config_from_args(args: argparse.Namespace):
         predictions_dir=args.predictions_dir,
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
+        demo_separator=args.demo_separator,
         dtype=args.dtype,
     )
 

@@ -8,6 +8,9 @@ support examples are the demos, the most similar placed last, nearest the query.
 Flamingo model's own open_clip tower (its pooled, projected output) or from a separate open_clip model, and are
 cached on disk in a safetensors file keyed by the example ids and the encoder's identity.
 
+Episodic tasks (binding) draw no demos from a pool: ``flamingo_eval.binding.EpisodeDemos`` returns the query's own
+episode's first k demos, through the same ``select`` call.
+
 Example::
 
     sampler = RandomDemos(task_data.support, query_set_size=2048, seed=42)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig
 
-from .tasks import TaskSpec
+from .prompts import TaskSpec
 
 
 @torch.no_grad()
@@ -28,15 +28,16 @@ def generate_answers(model, tokenizer, *, prompts: list[str], media: torch.Tenso
     # repetition penalties, n-gram bans, minimum lengths, sampling...; the protocol's decoding is these settings only.
     lang_model = model.lang_model
     own_config, lang_model.generation_config = lang_model.generation_config, GenerationConfig()
+    # length_penalty only means something to beam search; HF warns about it under greedy decoding (num_beams=1).
+    beams = {"num_beams": spec.num_beams, "length_penalty": spec.length_penalty} if spec.num_beams > 1 else {}
     try:
         output = model.generate(
             input_ids,
             attention_mask=encoded["attention_mask"].to(model.device),
             media=media,
             max_new_tokens=spec.max_new_tokens,
-            num_beams=spec.num_beams,
-            length_penalty=spec.length_penalty,
             do_sample=False,
+            **beams,
         )
     finally:
         lang_model.generation_config = own_config

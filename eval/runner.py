@@ -5,6 +5,10 @@ Run it through the CLI (``flamingo-eval run ...``, see ``flamingo_eval.cli``) or
     config = EvalConfig(model=Path("my-flamingo"), tasks=["coco"], shots=[0, 4], seeds=[42], data_dir=Path("data"))
     results = Evaluator(config).run()           # also writes config.output (results JSON)
 
+Each name in ``tasks`` is looked up in the registry (``flamingo_eval.tasks``); the runner asks the Task object for its
+data, prompt (``spec``, with the config's decoding / separator overrides), demos (the support pool, random or RICES,
+or the query's own episode for binding), decoding, predictions format and metric, and never tests a task's name.
+
 Per trial (task, shots, seed): the queries (all, or ``num_samples`` drawn with the seed) are cut into batches of
 ``batch_size``; process r of W evaluates batches r, r+W, ... (the batches themselves never depend on W, so a
 2-process run computes exactly what a 1-process run does), logs each finished batch for resumption
@@ -27,15 +31,12 @@ from tqdm import tqdm
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.configuration import DTYPES
 
-from .classification import class_log_probs
 from .data import load_task_data
 from .demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
-from .generation import generate_answers
 from .metrics.okvqa_stem import require_stem_backend
 from .results import ProgressLog, settings_hash, write_results
-from .score import prediction_record, score_records, write_predictions
-from .tasks import TaskSpec, get_task_spec
-
+from .score import score_records, write_predictions
+from .tasks import Task, TaskSpec, get_task, get_task_spec
 
 
 @dataclass
@@ -61,6 +62,7 @@ class EvalConfig:
     predictions_dir: Path | None = None
     num_beams: int | None = None  # None: the task's default (3)
     max_new_tokens: int | None = None  # None: the task's default
+    demo_separator: str | None = None  # None: the task's default ("\n" captioning/VQA/binding, "" classification)
     dtype: str = "float32"
     media_cache: bool = True  # encode each distinct image once per run (False re-encodes every batch)
 
@@ -155,29 +157,33 @@ class Evaluator:
         cfg = self.config
         trials: list[dict] = []
         run_config = {**dataclasses.asdict(cfg), "model_config": _model_identity(self.model)}
-        if "okvqa" in cfg.tasks:
+        tasks = [get_task(name, custom_kind=cfg.custom_kind) for name in cfg.tasks]
+        if any(task.spec.stem for task in tasks):
             # Fail before hours of generation if the stemming packages are missing, and record which rule ran.
             run_config["okvqa_stem_backend"] = require_stem_backend()
-        for task in cfg.tasks:
-            data = load_task_data(task, data_dir=cfg.data_dir, paths=cfg.paths.get(task), custom_kind=cfg.custom_kind)
-            spec = get_task_spec(task, custom_kind=cfg.custom_kind, class_names=data.class_names)
-            overrides = {k: v for k, v in (("num_beams", cfg.num_beams), ("max_new_tokens", cfg.max_new_tokens)) if v}
-            spec = dataclasses.replace(spec, **overrides)
-            support_features = self._features(data.support, f"{task} support") if cfg.rices else None
+        for task in tasks:
+            name = task.name
+            data = load_task_data(task, data_dir=cfg.data_dir, paths=cfg.paths.get(name))
+            spec = self._spec(task, data)
+            episodes = task.kind.episode_demos(data)  # None: demos come from the support pool
+            rices = cfg.rices and episodes is None
+            support_features = self._features(data.support, f"{name} support") if rices else None
             for seed in cfg.seeds:
                 query_positions = self._query_positions(len(data.query), seed)
                 queries = [data.query[i] for i in query_positions]
-                if cfg.rices:
+                if episodes is not None:
+                    sampler = episodes
+                elif cfg.rices:
                     sampler = RicesDemos(
                         data.support,
                         support_features,
-                        self._features(queries, f"{task} queries"),
+                        self._features(queries, f"{name} queries"),
                         max_k=max([*cfg.shots, spec.zero_shot_text_demos]),
                     )
                 else:
                     sampler = RandomDemos(data.support, query_set_size=cfg.query_set_size, seed=seed)
                 for shots in cfg.shots:
-                    settings = self._settings(task, data, spec, shots=shots, seed=seed, num_queries=len(queries))
+                    settings = self._settings(name, data, spec, shots=shots, seed=seed, num_queries=len(queries))
                     trial = self._run_trial(task, spec, queries, sampler, shots=shots, seed=seed, settings=settings)
                     if trial is not None:
                         trials.append({**trial, "trial": cfg.seeds.index(seed)})
@@ -187,7 +193,17 @@ class Evaluator:
             return None
         return write_results(cfg.output, config=run_config, trials=trials)
 
-    def _settings(self, task, data, spec: TaskSpec, *, shots: int, seed: int, num_queries: int) -> dict:
+    def _spec(self, task: Task, data) -> TaskSpec:
+        """The task's spec with the dataset's class names and the config's decoding / layout overrides."""
+        cfg = self.config
+        spec = get_task_spec(task, class_names=data.class_names)
+        # num_beams / max_new_tokens: 0 or None keep the task's value; any separator, "" included, replaces it.
+        overrides = {k: v for k, v in (("num_beams", cfg.num_beams), ("max_new_tokens", cfg.max_new_tokens)) if v}
+        if cfg.demo_separator is not None:
+            overrides["demo_separator"] = cfg.demo_separator
+        return dataclasses.replace(spec, **overrides)
+
+    def _settings(self, task: str, data, spec: TaskSpec, *, shots: int, seed: int, num_queries: int) -> dict:
         """Everything that changes a trial's batches; its hash names the progress log, so a rerun with other
         settings (or a retrained checkpoint in the same directory) never resumes from stale lines."""
         cfg = self.config
@@ -230,7 +246,7 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------------------------ one trial
     def _run_trial(
-        self, task, spec: TaskSpec, queries, sampler, *, shots: int, seed: int, settings: dict
+        self, task: Task, spec: TaskSpec, queries, sampler, *, shots: int, seed: int, settings: dict
     ) -> dict | None:
         from accelerate.utils import gather_object
 
@@ -238,23 +254,23 @@ class Evaluator:
         size = cfg.batch_size
         num_batches = -(-len(queries) // size)
         log = ProgressLog(
-            self.progress_dir, name=f"{task}-{shots}shot-seed{seed}-{settings_hash(settings)}", rank=state.process_index
+            self.progress_dir, name=f"{task.name}-{shots}shot-seed{seed}-{settings_hash(settings)}", rank=state.process_index
         )
         done = log.load()
         records: list[dict] = []
         mine = range(state.process_index, num_batches, state.num_processes)
-        desc = f"{task} {shots}-shot seed {seed}"
+        desc = f"{task.name} {shots}-shot seed {seed}"
         for batch in tqdm(mine, desc=desc, unit="batch", disable=not state.is_local_main_process):
             if batch in done:
                 records.extend(done[batch])
                 continue
             positions = range(batch * size, min((batch + 1) * size, len(queries)))
-            batch_records = self._run_batch(spec, queries, positions, sampler, shots=shots)
+            batch_records = self._run_batch(task, spec, queries, positions, sampler, shots=shots)
             log.append(batch, batch_records)
             records.extend(batch_records)
             self.batches_computed += 1
             if self.after_batch is not None:
-                self.after_batch(task, shots, seed, batch)
+                self.after_batch(task.name, shots, seed, batch)
         if state.num_processes > 1:
             records = gather_object(records)
         if not state.is_main_process:
@@ -266,13 +282,13 @@ class Evaluator:
         predictions = prediction_records(task, queries, ordered)
         predictions_file = None
         if cfg.predictions_dir is not None:  # before scoring, so a metric that cannot be computed keeps the outputs
-            name = f"{task}-{shots}shot-seed{seed}{'-rices' if cfg.rices else ''}.json"
+            name = f"{task.name}-{shots}shot-seed{seed}{'-rices' if cfg.rices else ''}.json"
             predictions_file = write_predictions(task, predictions, Path(cfg.predictions_dir) / name)
         value = None
-        if spec.kind == "classification" or all(q.answers for q in queries):  # no answers: e.g. a test-dev export
+        if task.kind.has_references(queries):  # no answers: e.g. a test-dev export
             (value,) = score_records(task, predictions, queries, stem=spec.stem).values()
         return {
-            "task": task,
+            "task": task.name,
             "shots": shots,
             "seed": seed,
             "metric": spec.metric,
@@ -282,35 +298,26 @@ class Evaluator:
             "predictions": None if predictions_file is None else str(predictions_file),
         }
 
-    def _run_batch(self, spec: TaskSpec, queries, positions, sampler, *, shots: int) -> list[dict]:
+    def _run_batch(self, task: Task, spec: TaskSpec, queries, positions, sampler, *, shots: int) -> list[dict]:
         zero_shot = shots == 0
         k = shots if shots else spec.zero_shot_text_demos
-        prompts, image_lists = [], []
+        prompts, image_lists, batch = [], [], []
         for p in positions:
             query = queries[p]
             demos = sampler.select(query_index=p, query=query, k=k)
             prompts.append(spec.prompt(demos, query, zero_shot=zero_shot))
             image_lists.append(([] if zero_shot else [d.image for d in demos]) + [query.image])
+            batch.append(query)
         media = self.media_cache.media(image_lists)
-        tokenizer = self.processor.tokenizer
-        if spec.kind == "classification":
-            scores = class_log_probs(
-                self.model,
-                tokenizer,
-                prompts=prompts,
-                media=media,
-                class_names=spec.class_names,
-                class_batch_size=self.config.class_batch_size,
-            )
-            probs = scores.softmax(-1)  # over the class names, as OpenFlamingo's score for HatefulMemes
-            out = [
-                {"prediction": int(row.argmax()), "probability": float(prob.max())} for row, prob in zip(scores, probs)
-            ]
-            if spec.name == "hateful_memes":
-                for o, prob in zip(out, probs):
-                    o["score"] = float(prob[spec.class_names.index("yes")])
-        else:
-            out = generate_answers(self.model, tokenizer, prompts=prompts, media=media, spec=spec)
+        out = task.kind.predict(
+            self.model,
+            self.processor.tokenizer,
+            prompts=prompts,
+            media=media,
+            spec=spec,
+            queries=batch,
+            class_batch_size=self.config.class_batch_size,
+        )
         return [{"index": p, "id": queries[p].id, **o} for p, o in zip(positions, out)]
 
 
@@ -334,8 +341,7 @@ def _model_identity(model) -> dict:
     }
 
 
-def prediction_records(task: str, queries, records: list[dict]) -> list[dict]:
-    """Per-query records -> the task's official results format (``flamingo_eval.score.prediction_record``)."""
-    # HatefulMemes is scored by P("yes"); every other task by its predicted text or class.
-    outputs = [r["score"] if task == "hateful_memes" else r["prediction"] for r in records]
-    return [prediction_record(task, q, o) for q, o in zip(queries, outputs)]
+def prediction_records(task: Task, queries, records: list[dict]) -> list[dict]:
+    """Per-query records -> the task's official results format (``Kind.prediction_record``)."""
+    # Each kind says which value it writes: HatefulMemes' P("yes"), every other task's predicted text or class.
+    return [task.kind.prediction_record(q, task.kind.output(r)) for q, r in zip(queries, records)]

@@ -1,219 +1,49 @@
 """Tiny datasets in the benchmarks' official formats, for tests and CPU dry runs of the evaluation.
 
-``write_fixture_data(root)`` writes every task under ``root/<task>/`` in the layout documented in
-``flamingo_eval.data``, so ``load_task_data(task, data_dir=root)`` works for each of them. Images are small random
-pictures saved under their official file names; captions, questions and answers are drawn from small word lists, so
-metrics on them are non-trivial (answers sometimes agree, sometimes not; both HatefulMemes labels occur).
+``write_fixture_data(root)`` writes every registered task under ``root/<task folder>/`` in the layout documented in
+``flamingo_eval.data``, so ``load_task_data(task, data_dir=root)`` works for each of them. Each task's own writer
+(``Task.write_fixture``, in ``flamingo_eval.fixtures``) does the writing; tasks that share a folder share one
+writer, run once. Images are small random pictures saved under their official file names.
 
-The ``custom`` folder's records carry both the caption and the VQA fields, so it loads with either custom_kind.
+The ``custom`` folder's records carry both the caption and the VQA fields, so it loads with either custom_kind;
+custom_kind="binding" gets its own folder, ``root/binding/`` (episodes of 4 demos over two words).
 
     .venv/bin/python -m flamingo_eval.testing /tmp/eval-fixture    # write one to look at
 """
 
 from __future__ import annotations
 
-import json
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from flamingo.io import atomic_write_text
-
-from .data import TASKS
-
-_SUBJECTS = ["a dog", "two cats", "a man", "a woman", "a red bus", "three birds", "a child", "an old train"]
-_ACTIONS = ["sitting on", "running across", "standing next to", "looking at", "riding", "parked near"]
-_PLACES = ["a wooden bench", "the street", "a grassy field", "the beach", "a kitchen table", "a snowy hill"]
-_QUESTIONS = [
-    ("What color is the bus?", ["red", "blue", "white", "Red"]),
-    ("How many birds are there?", ["3", "three", "2", "4"]),
-    ("Is the man smiling?", ["yes", "no"]),
-    ("What is the dog doing?", ["sitting", "running", "sleeping", "eating"]),
-    ("What does the sign say?", ["stop", "STOP!", "exit", "don't walk"]),
-]
-_CLASSES = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
-
-
-def _caption(rng: random.Random) -> str:
-    text = f"{rng.choice(_SUBJECTS)} {rng.choice(_ACTIONS)} {rng.choice(_PLACES)}"
-    # Real captions vary in case and final punctuation; PTB tokenisation must see both.
-    return (text[0].upper() + text[1:] if rng.random() < 0.5 else text) + rng.choice(["", ".", " ."])
-
-
-def _qa(rng: random.Random) -> tuple[str, list[str]]:
-    question, pool = rng.choice(_QUESTIONS)
-    if rng.random() < 0.25:  # all ten human answers identical: the official evaluator skips normalisation
-        return question, [pool[0]] * 10
-    return question, [rng.choice(pool) for _ in range(10)]
-
-
-def _write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1))
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-class _Images:
-    """Saves a fresh small random image under each name it is given."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Random non-square pixels (like flamingo.testing.random_images, without importing the model stack).
-        pixels = np.random.default_rng(self.seed).integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
-        image = Image.fromarray(pixels)
-        self.seed += 1
-        image.save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG")
+from .fixtures import FixtureImages
+from .tasks import task_names, tasks_named
 
 
 def write_fixture_data(
-    data_dir: Path, *, tasks: tuple[str, ...] = TASKS, num_support: int = 8, num_query: int = 6, seed: int = 0
+    data_dir: Path, *, tasks: Sequence[str] | None = None, num_support: int = 8, num_query: int = 6, seed: int = 0
 ) -> Path:
-    """Write ``tasks`` under ``data_dir/<task>/`` with ``num_support`` train and ``num_query`` evaluated examples each.
-
-    Returns ``data_dir``. Deterministic in ``seed``.
-    """
-    unknown = [t for t in tasks if t not in TASKS]
+    """Write ``tasks`` (default: every registered name) under ``data_dir/<folder>/`` with ``num_support`` train and
+    ``num_query`` evaluated examples each (binding: episodes). Returns ``data_dir``. Deterministic in ``seed``."""
+    names = task_names() if tasks is None else tuple(tasks)
+    unknown = [t for t in names if t not in task_names()]
     if unknown:
-        raise ValueError(f"Unknown tasks {unknown}; expected some of {TASKS}")
+        raise ValueError(f"Unknown tasks {unknown}; expected some of {task_names()}")
     if num_support < 2 or num_query < 2:
         raise ValueError(f"num_support and num_query must be >= 2 (got {num_support}, {num_query})")
+    writers = {}  # folder -> writer, in task order; a folder shared by tasks is written once
+    for name in names:
+        for task in tasks_named(name):
+            writers.setdefault(task.data_folder, task.write_fixture)
     data_dir = Path(data_dir)
-    for offset, task in enumerate(tasks):
+    for offset, (folder, write) in enumerate(writers.items()):
+        # Seeded by the folder's position in the list: the same tasks and seed write the same files.
         rng = random.Random(seed * 1000 + offset)
-        images = _Images(seed * 100_000 + offset * 1000)
-        _WRITERS[task](data_dir / task, rng, images, num_support, num_query)
+        images = FixtureImages(seed * 100_000 + offset * 1000)
+        write(data_dir / folder, rng, images, num_support, num_query)
     return data_dir
-
-
-def _coco(root: Path, rng, images, n_support, n_query) -> None:
-    entries = []
-    # Karpathy's json lists train (train2014), restval, val and test (val2014) images; val must not be read.
-    splits = ["train"] * (n_support - 1) + ["restval"] + ["val"] * 2 + ["test"] * n_query
-    for index, split in enumerate(splits):
-        cocoid = 100 + index
-        folder = "train2014" if split == "train" else "val2014"
-        filename = f"COCO_{folder}_{cocoid:012d}.jpg"
-        images.save(root / folder / filename)
-        sentences = [{"raw": _caption(rng), "sentid": 5 * index + j} for j in range(5)]
-        entries.append({"filepath": folder, "filename": filename, "cocoid": cocoid, "imgid": index, "split": split,
-                        "sentences": sentences, "sentids": [s["sentid"] for s in sentences]})
-    _write_json(root / "dataset_coco.json", {"images": entries, "dataset": "coco"})
-
-
-def _flickr30k(root: Path, rng, images, n_support, n_query) -> None:
-    entries = []
-    splits = ["train"] * n_support + ["val"] * 2 + ["test"] * n_query
-    for index, split in enumerate(splits):
-        filename = f"{1000092795 + 7 * index}.jpg"
-        images.save(root / "flickr30k_images" / filename)
-        sentences = [{"raw": _caption(rng), "sentid": 5 * index + j} for j in range(5)]
-        entries.append({"filename": filename, "imgid": index, "split": split, "sentences": sentences})
-    _write_json(root / "dataset_flickr30k.json", {"images": entries, "dataset": "flickr30k"})
-
-
-def _coco_vqa(prefix_questions: str, prefix_annotations: str):
-    def write(root: Path, rng, images, n_support, n_query) -> None:
-        for subtype, count in (("train2014", n_support), ("val2014", n_query)):
-            questions, annotations = [], []
-            # Two questions per image, as in VQAv2 (several questions share one image).
-            for index in range(count):
-                image_id = 500 + index // 2 + (0 if subtype == "train2014" else 1000)
-                question_id = image_id * 1000 + index % 2
-                path = root / subtype / f"COCO_{subtype}_{image_id:012d}.jpg"
-                if not path.exists():
-                    images.save(path)
-                question, answers = _qa(rng)
-                questions.append({"image_id": image_id, "question": question, "question_id": question_id})
-                annotations.append({
-                    "question_id": question_id, "image_id": image_id, "question_type": "what",
-                    "answer_type": "other", "multiple_choice_answer": answers[0],
-                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)],
-                })
-            # Annotations listed in a different order from the questions: readers must join on question_id.
-            annotations.reverse()
-            _write_json(root / prefix_questions.format(subtype),
-                        {"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": subtype, "questions": questions})
-            _write_json(root / prefix_annotations.format(subtype),
-                        {"data_type": "mscoco", "data_subtype": subtype, "annotations": annotations})
-
-    return write
-
-
-def _textvqa(root: Path, rng, images, n_support, n_query) -> None:
-    for split, count in (("train", n_support), ("val", n_query)):
-        data = []
-        for index in range(count):
-            image_id = f"{rng.getrandbits(64):016x}"
-            images.save(root / "train_images" / f"{image_id}.jpg")
-            question, answers = _qa(rng)
-            data.append({"question": question, "image_id": image_id, "image_classes": ["Sign"], "answers": answers,
-                         "question_id": (0 if split == "train" else 34602) + index, "set_name": split,
-                         "question_tokens": question.lower().rstrip("?").split()})
-        _write_json(root / f"TextVQA_0.5.1_{split}.json",
-                    {"dataset_type": split, "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": data})
-
-
-def _vizwiz(root: Path, rng, images, n_support, n_query) -> None:
-    for split, count in (("train", n_support), ("val", n_query)):
-        records = []
-        for index in range(count):
-            name = f"VizWiz_{split}_{index:08d}.jpg"
-            images.save(root / split / name)
-            question, answers = _qa(rng)
-            records.append({"image": name, "question": question, "answerable": 1, "answer_type": "other",
-                            "answers": [{"answer": a, "answer_confidence": "yes"} for a in answers]})
-        _write_json(root / f"{split}.json", records)
-
-
-def _hateful_memes(root: Path, rng, images, n_support, n_query) -> None:
-    for split, count in (("train", n_support), ("test_seen", n_query)):
-        records = []
-        for index in range(count):
-            meme_id = (10000 if split == "train" else 20000) + index
-            images.save(root / "img" / f"{meme_id:05d}.png")
-            records.append({"id": meme_id, "img": f"img/{meme_id:05d}.png", "label": index % 2,
-                            "text": f"{rng.choice(_SUBJECTS)} {rng.choice(_ACTIONS)} {rng.choice(_PLACES)}"})
-        _write_jsonl(root / f"{split}.jsonl", records)
-
-
-def _imagenet(root: Path, rng, images, n_support, n_query) -> None:
-    classes = sorted(_CLASSES)
-    for split, count in (("train", n_support), ("val", n_query)):
-        for index in range(count):
-            images.save(root / split / classes[index % len(classes)] / f"ILSVRC2012_{split}_{index:08d}.JPEG")
-    _write_json(root / "class_names.json", _CLASSES)
-
-
-def _custom(root: Path, rng, images, n_support, n_query) -> None:
-    for split, count in (("train", n_support), ("test", n_query)):
-        records = []
-        for index in range(count):
-            images.save(root / "images" / f"{split}_{index}.jpg")
-            question, answers = _qa(rng)
-            records.append({"id": f"{split}-{index}", "question_id": f"{split}-{index}", "image": f"images/{split}_{index}.jpg",
-                            "captions": [_caption(rng) for _ in range(2)], "question": question, "answers": answers})
-        _write_jsonl(root / f"{split}.jsonl", records)
-
-
-_WRITERS = {
-    "coco": _coco,
-    "flickr30k": _flickr30k,
-    "vqav2": _coco_vqa("v2_OpenEnded_mscoco_{}_questions.json", "v2_mscoco_{}_annotations.json"),
-    "okvqa": _coco_vqa("OpenEnded_mscoco_{}_questions.json", "mscoco_{}_annotations.json"),
-    "textvqa": _textvqa,
-    "vizwiz": _vizwiz,
-    "hateful_memes": _hateful_memes,
-    "imagenet": _imagenet,
-    "custom": _custom,
-}
 
 
 if __name__ == "__main__":
