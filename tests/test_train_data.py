@@ -567,3 +567,44 @@ def test_tar_shards_with_a_non_webdataset_format_are_refused(processor, tmp_path
     path = write_tar(tmp_path / "a.tar", [("k.txt", b"a cat.")])
     with pytest.raises(ValueError, match=r"a\.tar with format 'simple'"):
         loader(processor, path)
+
+
+def _trained_text(processor, sample) -> list[str]:
+    """The trained tokens, decoded run by run (a run: consecutive trained positions)."""
+    runs, current = [], []
+    for token, label in zip(sample.input_ids, sample.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    return [processor.tokenizer.decode(run) for run in runs]
+
+
+def test_answer_labels_train_each_chunks_answer_and_its_end_of_chunk_only(processor):
+    document = Document("Intro.", [
+        ("a", "Question:what colour is it? Short answer:red"),
+        ("b", "no marker here, context only"),
+        ("c", "Output:a cat on a mat"),
+        ("d", "This is a dax."),
+    ])
+    builder = SampleBuilder(processor, max_tokens=256, max_images=5, labels="answers",
+                            answer_markers=("Output:", "Short answer:", "This is a"))
+    sample = builder.build(document)
+    assert sample.input_ids == SampleBuilder(processor, max_tokens=256, max_images=5).build(document).input_ids
+    assert [t.strip() for t in _trained_text(processor, sample)] == [
+        f"red{END_OF_CHUNK_TOKEN}", f"a cat on a mat{END_OF_CHUNK_TOKEN}", f"dax.{END_OF_CHUNK_TOKEN}"]
+    assert sample.labels[-1] == IGNORE_INDEX  # eos is context in task data
+
+
+def test_answer_labels_survive_truncation_and_reject_a_document_without_answers(processor):
+    builder = SampleBuilder(processor, max_tokens=12, max_images=5, labels="answers", answer_markers=("Output:",))
+    document = Document("", [("a", "Output:a cat"), ("b", "Output:a very long caption that gets cut here")])
+    sample = builder.build(document)
+    assert len(sample.input_ids) == 12
+    assert _trained_text(processor, sample)[0].strip() == f"a cat{END_OF_CHUNK_TOKEN}"
+    with pytest.raises(BadRecord, match="no trainable token"):
+        builder.build(Document("", [("a", "just a caption")]))
+    with pytest.raises(ValueError, match="labels must be one of"):
+        DataConfig(name="d", path="x.jsonl", labels="answer")

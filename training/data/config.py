@@ -9,6 +9,7 @@ from typing import Any
 
 FORMATS = ("simple", "obelics", "pairs", "webdataset")
 SPLIT_BY = ("auto", "records", "shards")
+LABELS = ("all", "answers")
 
 
 @dataclass
@@ -28,6 +29,12 @@ class DataConfig:
     max_tokens: int = 256
     max_images: int = 5
     mask_text_before_first_image: bool = True
+    # "all": every text token after the first image is trained (pretraining). "answers": only each chunk's answer,
+    # the text after the last of ``answer_markers`` in it, and its <|endofchunk|> (task data: captions, VQA,
+    # binding); a chunk without a marker is context only. See flamingo_train.data.samples.
+    labels: str = "all"
+    answer_markers: list[str] = dataclasses.field(
+        default_factory=lambda: ["Output:", "Short answer:", "Answer:", "This is a"])
     streaming: bool = False
     shuffle: bool = True
     shuffle_buffer: int = 1000
@@ -53,6 +60,10 @@ class DataConfig:
                              ("num_workers", 0)):
             if getattr(self, field) < least:
                 raise ValueError(f"{where}: {field} must be >= {least}, got {getattr(self, field)}.")
+        if self.labels not in LABELS:
+            raise ValueError(f"{where}: labels must be one of {LABELS}, got {self.labels!r}.")
+        if self.labels == "answers" and not any(self.answer_markers):
+            raise ValueError(f"{where}: labels 'answers' needs at least one non-empty answer_markers entry.")
         if self.split_by not in SPLIT_BY:
             raise ValueError(f"{where}: split_by must be one of {SPLIT_BY}, got {self.split_by!r}.")
         if self.loss_weight < 0:

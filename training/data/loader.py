@@ -97,7 +97,8 @@ class _Batches(IterableDataset):
         self.lanes, self.start_blocks, self.first_lane = lanes, start_blocks, first_lane
         self.global_batch = config.batch_size * world_size
         self.builder = SampleBuilder(processor, max_tokens=config.max_tokens, max_images=config.max_images,
-                                     mask_text_before_first_image=config.mask_text_before_first_image)
+                                     mask_text_before_first_image=config.mask_text_before_first_image,
+                                     labels=config.labels, answer_markers=tuple(config.answer_markers))
         size = processor.preprocess_cfg["size"]
         self.image_shape = (3, *(tuple(size) if isinstance(size, (list, tuple)) else (size, size)))
         self.pad_id = processor.tokenizer.pad_token_id

@@ -25,6 +25,13 @@ Labels (``-100`` is ignored by the loss):
   (a document with no image then has nothing to learn and is skipped);
 * ``<|endofchunk|>`` and eos are trained, so the model learns to end a caption and a document;
 * a sample left with no trained token is skipped as ``empty``.
+
+Answer-only labels (``labels="answers"``, for task data such as captions, VQA and binding episodes): in each chunk
+only the answer is trained, i.e. the text after the last of the ``answer_markers`` in that chunk (by default the
+evaluation templates' ``Output:``, ``Short answer:``, ``Answer:`` and ``This is a``), and its ``<|endofchunk|>``.
+The question, a chunk without a marker, the prefix and eos are context only. Token and character positions are
+matched through the tokenizer's offsets, so an answer is the same tokens it is in the whole text (a fast tokenizer
+is needed).
 """
 
 from __future__ import annotations
@@ -55,8 +62,14 @@ class SampleBuilder:
     """Applies the layout, truncation and label rules of this module's docstring with one tokenizer."""
 
     def __init__(self, processor: FlamingoProcessor, *, max_tokens: int, max_images: int,
-                 mask_text_before_first_image: bool = True):
+                 mask_text_before_first_image: bool = True, labels: str = "all",
+                 answer_markers: tuple[str, ...] = ()):
         tokenizer = processor.tokenizer
+        if labels == "answers" and not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"labels='answers' needs a fast tokenizer (for character offsets); "
+                             f"{type(tokenizer).__name__} is not one.")
+        self.answers_only = labels == "answers"
+        self.answer_markers = tuple(m for m in answer_markers if m)
         self.tokenizer = tokenizer
         self.media_id = processor.media_token_id
         self.end_of_chunk_id = processor.end_of_chunk_token_id
@@ -72,6 +85,26 @@ class SampleBuilder:
 
     def layout(self, document: Document) -> str:
         return document.prefix + "".join(f"{MEDIA_TOKEN}{text}{END_OF_CHUNK_TOKEN}" for _, text in document.chunks)
+
+    def answer_spans(self, document: Document) -> list[tuple[int, int]]:
+        """Character spans of :meth:`layout`'s text that ``labels="answers"`` trains: each chunk's text after its
+        last answer marker, with the chunk's ``<|endofchunk|>``."""
+        spans, position = [], len(document.prefix)
+        for _, text in document.chunks:
+            start = position + len(MEDIA_TOKEN)
+            ends = [text.rfind(m) + len(m) for m in self.answer_markers if m in text]
+            if ends:
+                spans.append((start + max(ends), start + len(text) + len(END_OF_CHUNK_TOKEN)))
+            position = start + len(text) + len(END_OF_CHUNK_TOKEN)
+        return spans
+
+    def answer_mask(self, document: Document) -> list[bool]:
+        """Per token of :meth:`token_ids` (before truncation): whether it lies in an answer span."""
+        text = self.layout(document)
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        spans = self.answer_spans(document)
+        mask = [any(lo <= begin < hi for lo, hi in spans) for begin, _ in offsets]
+        return ([False] if self.bos_id is not None else []) + mask + [False]
 
     def token_ids(self, document: Document) -> list[int]:
         """The whole document's ids, ``[bos] ... [eos]``, before truncation."""
@@ -91,9 +124,15 @@ class SampleBuilder:
         return ([self.bos_id] if self.bos_id is not None else []) + body + [self.eos_id]
 
     def build(self, document: Document) -> Sample:
-        ids = self.truncate(self.token_ids(document))
+        full = self.token_ids(document)
+        ids = self.truncate(full)
         images = document.images[: ids.count(self.media_id)]
         labels = self.labels(ids)
+        if self.answers_only:
+            # truncate() keeps a prefix of the ids (plus, at most, an eos of its own, which is not an answer)
+            mask = self.answer_mask(document)
+            labels = [label if i < len(full) and ids[i] == full[i] and mask[i] else IGNORE_INDEX
+                      for i, label in enumerate(labels)]
         if all(label == IGNORE_INDEX for label in labels):
             raise BadRecord("empty", "has no trainable token after truncation and masking")
         return Sample(ids, labels, images)
