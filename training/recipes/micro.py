@@ -1,0 +1,185 @@
+"""The micro model recipe: a whole Flamingo trained from nothing on a laptop CPU.
+
+    python -m flamingo_train.recipes.micro --output runs/micro            # the full recipe
+    python -m flamingo_train.recipes.micro --output runs/smoke --smoke    # a few minutes, for CI
+
+Steps (each writes into ``--output``):
+
+1. ``data/``: the micro world (:mod:`flamingo.micro.world`) in the package's formats (:mod:`.micro_data`);
+2. ``tokenizer/``, ``clip/``, ``lm/``: a BPE tokenizer, a tiny CLIP and a tiny Llama, trained then frozen
+   (:mod:`.micro_backbones`);
+3. ``flamingo-init/`` then ``flamingo/``: a fresh Flamingo on those backbones, trained with ``flamingo_train.train``
+   on the weighted mixture of ``data/train/*.jsonl`` (the ``config.yaml`` written there reruns it with
+   ``flamingo-train --config``); ``flamingo/final`` is the model, self-contained;
+4. ``results.json``: ``flamingo_eval`` custom tasks on held-out scenes and words at 0, 2 and 4 shots, and the same
+   for the untrained model (``flamingo-init``), the baseline with untrained cross-attention.
+
+Status: the pipeline is complete and tested (``--smoke``); the default sizes do not yet reach the micro model's
+targets (VQA >= 90%, 4-shot binding >= 70%). Measured so far: a 600-step run reaches about 40% VQA exact match and
+chance-level binding, and the text-only LM binds words to shapes in only about 55% of 4-shot episodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+import flamingo
+from flamingo_train.config import config_from_dict
+from flamingo_train.train import train
+
+from .micro_backbones import ClipRecipe, LMRecipe, train_clip, train_lm, train_tokenizer
+from .micro_data import DataRecipe, write_eval_data, write_training_data
+
+
+@dataclass
+class FlamingoRecipe:
+    """The trained part: perceiver and gated cross-attention, and the ``flamingo-train`` run over the mixture."""
+
+    perceiver: dict = field(default_factory=lambda: {"depth": 1, "num_latents": 8, "heads": 4, "dim_head": 32,
+                                                     "max_frames": None})
+    cross_attention: dict = field(default_factory=lambda: {"heads": 4, "dim_head": 32, "ff_mult": 2})
+    cross_attn_every_n_layers: int = 1
+    steps: int = 1500
+    lr: float = 1e-3
+    # Answer-only loss: the frozen LM already predicts the questions and the prompt words; training on them too
+    # buries the few tokens that need the image (measured: with "all", VQA loss sat on its text-only plateau).
+    labels: str = "answers"
+    warmup_steps: int = 50
+    # name: (batch size, loss weight, max images)
+    mixture: dict = field(default_factory=lambda: {"vqa": (8, 1.0, 4), "captions": (4, 0.5, 3),
+                                                   "documents": (4, 0.5, 4), "binding": (8, 1.0, 7)})
+    seed: int = 0
+
+
+@dataclass
+class EvalRecipe:
+    shots: list[int] = field(default_factory=lambda: [0, 2, 4])
+    num_samples: int | None = None  # None: every held-out query
+    batch_size: int = 16
+
+
+@dataclass
+class MicroRecipe:
+    data: DataRecipe = field(default_factory=DataRecipe)
+    clip: ClipRecipe = field(default_factory=ClipRecipe)
+    lm: LMRecipe = field(default_factory=LMRecipe)
+    flamingo: FlamingoRecipe = field(default_factory=FlamingoRecipe)
+    eval: EvalRecipe = field(default_factory=EvalRecipe)
+
+    @classmethod
+    def smoke(cls) -> MicroRecipe:
+        """Every step, shrunk to run in about two minutes: checks the pipeline, learns little."""
+        return cls(
+            data=DataRecipe(vqa_documents=200, caption_documents=100, interleaved_documents=100, binding_episodes=200,
+                            eval_support=32, eval_queries=24),
+            clip=ClipRecipe(steps=20, batch_size=32, num_scenes=256),
+            lm=LMRecipe(steps=40, batch_size=8),
+            flamingo=FlamingoRecipe(steps=20),
+            eval=EvalRecipe(shots=[0, 2], batch_size=8),
+        )
+
+    def with_seed(self, seed: int) -> MicroRecipe:
+        return dataclasses.replace(
+            self, clip=dataclasses.replace(self.clip, seed=seed), lm=dataclasses.replace(self.lm, seed=seed),
+            flamingo=dataclasses.replace(self.flamingo, seed=seed))
+
+
+def _log(message: str, started: float) -> None:
+    print(f"[{time.time() - started:7.1f} s] {message}", flush=True)
+
+
+def train_config(recipe: FlamingoRecipe, init_dir: Path, data_files: dict[str, Path], output_dir: Path) -> dict:
+    """The ``flamingo-train`` config (as a dict; written to ``config.yaml``)."""
+    data = [
+        {"name": name, "path": str(data_files[name]), "format": "simple", "batch_size": batch, "loss_weight": weight,
+         "max_tokens": 160, "max_images": images, "num_workers": 0, "labels": recipe.labels}
+        for name, (batch, weight, images) in recipe.mixture.items()
+    ]
+    return {
+        "model": {"pretrained": str(init_dir)},
+        "data": data,
+        "optim": {"lr": recipe.lr, "weight_decay": 0.0},
+        "schedule": {"kind": "cosine", "warmup_steps": recipe.warmup_steps, "min_lr_ratio": 0.1},
+        "run": {"output_dir": str(output_dir), "max_steps": recipe.steps, "save_every": 0, "log_every": 50,
+                "report_to": None, "export_backbones": True, "seed": recipe.seed},
+    }
+
+
+def build_flamingo(recipe: FlamingoRecipe, vision: dict, lm_dir: Path, out_dir: Path) -> Path:
+    """A fresh Flamingo (gates at 0) on the frozen backbones, saved self-contained to ``out_dir``."""
+    torch.manual_seed(recipe.seed)
+    model, processor = flamingo.create_model_and_processor(
+        vision_model=vision["name"], vision_pretrained=vision["weights"], lang_model=str(lm_dir),
+        cross_attn_every_n_layers=recipe.cross_attn_every_n_layers,
+        perceiver=flamingo.PerceiverConfig(**recipe.perceiver),
+        cross_attention=flamingo.CrossAttentionConfig(**recipe.cross_attention),
+    )
+    model.save_pretrained(out_dir, save_backbones=True)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def evaluate(model_dir: Path, eval_dirs: dict[str, Path], recipe: EvalRecipe, output: Path) -> dict:
+    """The three custom tasks at ``recipe.shots``: ``{kind: {shots: score}}``."""
+    from flamingo_eval.runner import EvalConfig, Evaluator
+
+    scores: dict[str, dict[int, float]] = {}
+    for kind, directory in eval_dirs.items():
+        config = EvalConfig(
+            model=model_dir, tasks=["custom"], custom_kind=kind, data_dir=directory, shots=recipe.shots,
+            num_samples=recipe.num_samples, batch_size=recipe.batch_size, demo_separator="",
+            output=output / f"{kind}.json", num_beams=1,
+        )
+        results = Evaluator(config).run()
+        scores[kind] = {int(trial["shots"]): float(trial["value"]) for trial in results["trials"]}
+    return scores
+
+
+def run(recipe: MicroRecipe, output: Path) -> dict:
+    started = time.time()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    train_files = write_training_data(output / "data" / "train", recipe.data)
+    eval_dirs = write_eval_data(output / "data" / "eval", recipe.data)
+    _log("data written", started)
+    tokenizer = train_tokenizer(output / "tokenizer")
+    vision = train_clip(tokenizer, recipe.clip, output / "clip")
+    _log(f"clip trained: held-out retrieval top-1 {vision['retrieval_top1']:.2f}", started)
+    train_lm(tokenizer, recipe.lm, output / "lm")
+    _log("lm trained", started)
+    init_dir = build_flamingo(recipe.flamingo, vision, output / "lm", output / "flamingo-init")
+    config = train_config(recipe.flamingo, init_dir, train_files, output / "flamingo")
+    (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    final_dir = train(config_from_dict(config)).final_dir
+    _log("flamingo trained", started)
+    report = {
+        "clip_retrieval_top1": vision["retrieval_top1"],
+        "trained": evaluate(final_dir, eval_dirs, recipe.eval, output / "eval"),
+        "untrained_cross_attention": evaluate(init_dir, eval_dirs, recipe.eval, output / "eval-init"),
+        "seconds": round(time.time() - started, 1),
+    }
+    (output / "results.json").write_text(json.dumps(report, indent=2))
+    _log(f"done: {json.dumps(report['trained'])}", started)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path("runs/micro"))
+    parser.add_argument("--smoke", action="store_true", help="a shrunken run that checks the pipeline")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    recipe = (MicroRecipe.smoke() if args.smoke else MicroRecipe()).with_seed(args.seed)
+    run(recipe, args.output)
+
+
+if __name__ == "__main__":
+    main()
