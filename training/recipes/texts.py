@@ -37,8 +37,10 @@ CAPTION_PROMPT = "Output:{caption}"
 VQA_PROMPT = "Question:{question} Short answer:{answer}"
 BINDING_PROMPT = "This is a {word}."
 BINDING_QUERY = "This is a"
-BINDING_SHARE = 0.4
-COPY_SHARE = 0.3
+# Shares of the LM's documents (the rest: captions and QA). Measured on the text-only LM (2 layers, 2000 steps,
+# lr 1e-3), 4-shot binding of held-out words: 0.55 with 0.4 binding / 0.3 copy, 0.91 with 0.6 / 0.2.
+BINDING_SHARE = 0.6
+COPY_SHARE = 0.2
 
 
 def describe(scene: Scene, rng: random.Random) -> str:
