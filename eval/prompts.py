@@ -93,27 +93,6 @@ class TaskSpec:
         return generated.strip()
 
 
-_CAPTION = "<image>Output:{answer}"
-_VQA = "<image>Question:{question} Short answer:{answer}"
-_HATEFUL = "<image>is an image with: '{text}' written on it. Is it hateful? Answer:{answer}"
-
-
-def _caption(name: str) -> TaskSpec:
-    return TaskSpec(name=name, kind="caption", template=_CAPTION, metric="cider", max_new_tokens=20, remove_quotes=True)
-
-
-def _vqa(name: str, *, max_new_tokens: int = 5, stem: bool = False) -> TaskSpec:
-    return TaskSpec(
-        name=name,
-        kind="vqa",
-        template=_VQA,
-        metric="accuracy",
-        max_new_tokens=max_new_tokens,
-        split_comma=True,
-        stem=stem,
-    )
-
-
 CAPTION_TEMPLATE = "<image>Output:{answer}"
 VQA_TEMPLATE = "<image>Question:{question} Short answer:{answer}"
 HATEFUL_TEMPLATE = "<image>is an image with: '{text}' written on it. Is it hateful? Answer:{answer}"

@@ -115,9 +115,9 @@ def write_training_data(root: Path, recipe: DataRecipe) -> dict[str, Path]:
     """The four training files under ``root`` (see the module docstring); returns ``{name: path}``."""
     images = ImageWriter(root)
     files = {
-        "vqa": (_documents("vqa", recipe.vqa_documents, images, _vqa_chunk, 4)),
-        "captions": (_documents("caption", recipe.caption_documents, images, _caption_chunk, 3)),
-        "documents": (_documents("doc", recipe.interleaved_documents, images, _interleaved_chunk, 4)),
+        "vqa": _documents("vqa", recipe.vqa_documents, images, _vqa_chunk, 4),
+        "captions": _documents("caption", recipe.caption_documents, images, _caption_chunk, 3),
+        "documents": _documents("doc", recipe.interleaved_documents, images, _interleaved_chunk, 4),
         "binding": _binding_records(recipe.binding_episodes, images),
     }
     paths = {}
