@@ -29,6 +29,7 @@ from .configuration import FlamingoConfig
 from .cross_attention import GatedCrossAttentionBlock
 from .lm_calls import cache_keyword, cache_length, output_cache
 from .lm_fusion import LanguageModelFusion, MediaContext, MediaSlot, find_decoder_layers
+from .micro.shipped import resolve_model_path
 from .perceiver import PerceiverResampler
 from .processing import MEDIA_TOKEN
 from .vision import VisionEncoder
@@ -353,7 +354,8 @@ class Flamingo(nn.Module):
         trust_remote_code: bool | None = None,
         torch_dtype: torch.dtype | None = None,
     ) -> Flamingo:
-        """Rebuild a model written by :meth:`save_pretrained`.
+        """Rebuild a model written by :meth:`save_pretrained`, from its directory; ``"micro"`` is the model shipped
+        in the package (:mod:`flamingo.micro.shipped`; a local directory of that name wins).
 
         dtype: the language model's dtype (default: as saved). trust_remote_code: run the LM's own code from its
         directory or hub repo; default: what the saved config says (it is only ever set by the user who built the
@@ -362,4 +364,4 @@ class Flamingo(nn.Module):
         from .pretrained import load_model
 
         dtype = _renamed(dtype, torch_dtype, new="dtype", old="torch_dtype", where="Flamingo.from_pretrained")
-        return load_model(Path(directory), dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_model(resolve_model_path(directory), dtype=dtype, trust_remote_code=trust_remote_code)

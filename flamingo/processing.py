@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
 from .io import atomic_write_text
+from .micro.shipped import resolve_model_path
 
 MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
@@ -185,7 +186,9 @@ class FlamingoProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **tokenizer_kwargs) -> FlamingoProcessor:
-        directory = Path(directory)
+        """The processor saved in ``directory``; ``"micro"`` is the shipped micro model's (as in
+        :meth:`Flamingo.from_pretrained`)."""
+        directory = resolve_model_path(directory)
         path = directory / PREPROCESSOR_CONFIG_NAME
         if not path.is_file():
             raise ValueError(f"{directory} holds no {PREPROCESSOR_CONFIG_NAME}; was it written by save_pretrained?")

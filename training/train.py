@@ -51,6 +51,7 @@ from flamingo_train.checkpoint import (
     set_aside_later_checkpoints,
 )
 from flamingo.configuration import DTYPES
+from flamingo.micro.shipped import resolve_model_path
 from flamingo_train.config import ModelConfig, TrainConfig
 from flamingo_train.data.loader import PositionTracker, build_dataloader
 from flamingo_train.optim import build_optimizer, build_scheduler
@@ -62,10 +63,11 @@ FINAL = "final"
 
 
 def load_model(config: ModelConfig) -> tuple[flamingo.Flamingo, flamingo.FlamingoProcessor]:
-    """A saved model (``pretrained``) or a fresh one from backbones; the backbones stay frozen (see optim.py)."""
+    """A saved model (``pretrained``: a directory, or ``micro``, the shipped one) or a fresh one from backbones; the
+    backbones stay frozen (see optim.py)."""
     dtype = DTYPES[config.lang_model_dtype]
     if config.pretrained is not None:
-        directory = Path(config.pretrained)
+        directory = resolve_model_path(config.pretrained)
         model = flamingo.Flamingo.from_pretrained(directory, dtype=dtype)
         # A self-contained dir names its backbones relative to itself; point at them absolutely, so the export in
         # output_dir/final refers to the same backbones instead of copying them (see run.export_backbones).

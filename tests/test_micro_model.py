@@ -1,0 +1,76 @@
+"""The shipped micro model: the name "micro" loads it with no network, a local folder of that name wins, a missing
+file is named, and every file of it is package data (so a non-editable install has it)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import flamingo
+import flamingo.micro.shipped as shipped
+from flamingo.micro import resolve_model_path
+from flamingo.micro.world import captions, make_scene, render, rng_for
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return flamingo.Flamingo.from_pretrained("micro").eval(), flamingo.FlamingoProcessor.from_pretrained("micro")
+
+
+@torch.no_grad()
+def test_micro_loads_the_shipped_model_which_generates_for_a_few_shot_prompt(micro):
+    model, processor = micro
+    assert model.config.vision_model_cfg is not None  # self-contained: the tower's config travels with it
+    scenes = [make_scene(rng_for("test", "test-micro", i)) for i in range(2)]
+    batch = processor([render(scenes[0]), f"Output:{captions(scenes[0])[0]}", render(scenes[1]), "Output:"])
+    assert batch["pixel_values"].shape[:2] == (1, 2)
+    ids = model.generate(**batch, max_new_tokens=8, num_beams=1)
+    new = ids[0, batch["input_ids"].shape[1] :]
+    assert len(new) >= 1
+    assert processor.decode(new, skip_special_tokens=True).strip()  # some words, whichever the weights choose
+
+
+def test_a_local_directory_named_micro_wins_over_the_shipped_model(tmp_path, monkeypatch):
+    shutil.copytree(shipped.MICRO_MODEL_DIR, tmp_path / "micro")
+    monkeypatch.setattr(shipped, "MICRO_MODEL_DIR", tmp_path / "not-shipped")  # the shipped one is out of reach
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("micro") == Path("micro")
+    assert flamingo.Flamingo.from_pretrained("micro").config.vision_model is not None
+    assert flamingo.FlamingoProcessor.from_pretrained(Path("micro")).tokenizer is not None
+
+
+@pytest.mark.parametrize("load", [flamingo.Flamingo.from_pretrained, flamingo.FlamingoProcessor.from_pretrained])
+def test_missing_shipped_files_raise_an_error_naming_them_and_how_to_rebuild(tmp_path, monkeypatch, load):
+    partial = tmp_path / "model"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    monkeypatch.setattr(shipped, "MICRO_MODEL_DIR", partial)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="micro model is incomplete") as error:
+        load("micro")
+    message = str(error.value)
+    missing = message.split(" lacks ", 1)[1].split(". ", 1)[0].split(", ")
+    assert "model.safetensors" in missing and "language_model/model.safetensors" in missing
+    assert "config.json" not in missing  # it is there
+    assert "python -m flamingo_train.recipes.micro --output DIR" in message and "flamingo/final" in message
+
+
+def test_other_names_are_paths_left_to_the_loaders(tmp_path):
+    assert resolve_model_path(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    assert resolve_model_path("micro-2") == Path("micro-2")
+    with pytest.raises(ValueError, match="holds no config.json"):
+        flamingo.Flamingo.from_pretrained(tmp_path)
+
+
+def test_every_file_of_the_shipped_model_is_package_data():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    files = [p for p in shipped.MICRO_MODEL_DIR.rglob("*") if p.is_file()]
+    assert set(shipped.MICRO_MODEL_FILES) <= {p.relative_to(shipped.MICRO_MODEL_DIR).as_posix() for p in files}
+    for path in files:
+        package = ".".join(path.parent.relative_to(ROOT).parts)
+        assert package in setuptools["packages"], f"{path.parent} is not listed in [tool.setuptools] packages"
+        assert "*" in setuptools["package-data"].get(package, []), f"{path} is not package data"
