@@ -1,10 +1,9 @@
 """``flamingo-eval``: few-shot evaluation of a saved Flamingo model, and scoring of prediction files.
 
-Tiny CPU run (random model and fixture data, no downloads, about 15 s)::
+Tiny CPU run (the shipped micro model and fixture data, no downloads, about 15 s)::
 
-    python -m flamingo.demo --out /tmp/fd                  # saves a tiny model to /tmp/fd/flamingo-tiny
     python -m flamingo_eval.testing /tmp/fx                # writes every benchmark's files in their official formats
-    flamingo-eval run --model /tmp/fd/flamingo-tiny --tasks coco vqav2 hateful_memes --shots 0 2 \
+    flamingo-eval run --model micro --tasks coco vqav2 hateful_memes --shots 0 2 \
         --data-dir /tmp/fx --batch-size 2 --output /tmp/results.json
 
 Real runs::

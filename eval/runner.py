@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from flamingo import Flamingo, FlamingoProcessor
 from flamingo.configuration import DTYPES
+from flamingo.micro import resolve_model_path
 
 from .data import load_task_data
 from .demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
@@ -67,6 +68,8 @@ class EvalConfig:
     media_cache: bool = True  # encode each distinct image once per run (False re-encodes every batch)
 
     def __post_init__(self):
+        if self.model is not None:  # "micro": the shipped model (a local directory of that name wins)
+            self.model = resolve_model_path(self.model)
         if not self.tasks:
             raise ValueError("No tasks given.")
         if any(k < 0 for k in self.shots):
