@@ -54,7 +54,9 @@ class DemoConfig:
     model: str = MICRO_MODEL_NAME
     out: Path = Path("flamingo-demo")
     queries: int = 100  # held-out scenes per task (and binding episodes); the standard error is about 5 points
-    support: int = 64  # training scenes the VQA / caption demos are drawn from
+    # Training scenes the VQA / caption demos are drawn from: the recipe's pool (DataRecipe.eval_support), so that the
+    # scores are those of the recipe's results.json on its first `queries` held-out scenes.
+    support: int = DataRecipe.eval_support
     examples: int = 3  # predictions printed per task, and binding episodes shown
 
     def __post_init__(self):
