@@ -37,8 +37,8 @@ from flamingo.micro.world import captions, make_scene, render, rng_for
 
 # The demo is an entry point on top of all three packages: it runs the evaluation code and the recipe's data writer
 # as they are, so its numbers are the ones `flamingo-eval` reports.
-from flamingo_eval.runner import EvalConfig, Evaluator
-from flamingo_train.recipes.micro_data import DataRecipe, write_eval_data
+from flamingo_eval.runner import Evaluator
+from flamingo_train.recipes.micro_data import DataRecipe, eval_config, write_eval_data
 from flamingo_train.recipes.texts import CAPTION_PROMPT
 
 SHOTS = (0, 4)
@@ -88,14 +88,12 @@ def read_jsonl(path: Path) -> list[dict]:
 def evaluate(model, processor, model_dir: Path, data_dirs: dict[str, Path], out: Path) -> dict[str, dict]:
     """Each custom task at ``SHOTS``: ``{kind: {"scores": {shots: value}, "predictions": {shots: [record]}}}``.
 
-    The layout is the training data's (no separator between chunks) and decoding is greedy, as the recipe evaluates.
+    Each run is the recipe's (:func:`flamingo_train.recipes.micro_data.eval_config`).
     """
     results = {}
     for kind, directory in data_dirs.items():
-        config = EvalConfig(
-            model=model_dir, tasks=["custom"], custom_kind=kind, data_dir=directory, shots=list(SHOTS), batch_size=16,
-            demo_separator="", num_beams=1, output=out / f"{kind}.json", predictions_dir=out / f"{kind}-predictions",
-        )
+        config = eval_config(model_dir, kind, directory, shots=list(SHOTS), output=out / f"{kind}.json",
+                             predictions_dir=out / f"{kind}-predictions")
         trials = Evaluator(config, model=model, processor=processor).run()["trials"]
         results[kind] = {
             "scores": {t["shots"]: t["value"] for t in trials},

@@ -37,7 +37,7 @@ from flamingo_train.config import config_from_dict
 from flamingo_train.train import train
 
 from .micro_backbones import ClipRecipe, LMRecipe, train_clip, train_lm, train_tokenizer
-from .micro_data import DataRecipe, write_eval_data, write_training_data
+from .micro_data import DataRecipe, eval_config, write_eval_data, write_training_data
 
 
 @dataclass
@@ -130,15 +130,12 @@ def build_flamingo(recipe: FlamingoRecipe, vision: dict, lm_dir: Path, out_dir: 
 
 def evaluate(model_dir: Path, eval_dirs: dict[str, Path], recipe: EvalRecipe, output: Path) -> dict:
     """The three custom tasks at ``recipe.shots``: ``{kind: {shots: score}}``."""
-    from flamingo_eval.runner import EvalConfig, Evaluator
+    from flamingo_eval.runner import Evaluator
 
     scores: dict[str, dict[int, float]] = {}
     for kind, directory in eval_dirs.items():
-        config = EvalConfig(
-            model=model_dir, tasks=["custom"], custom_kind=kind, data_dir=directory, shots=recipe.shots,
-            num_samples=recipe.num_samples, batch_size=recipe.batch_size, demo_separator="",
-            output=output / f"{kind}.json", num_beams=1,
-        )
+        config = eval_config(model_dir, kind, directory, shots=recipe.shots, output=output / f"{kind}.json",
+                             num_samples=recipe.num_samples, batch_size=recipe.batch_size)
         results = Evaluator(config).run()
         scores[kind] = {int(trial["shots"]): float(trial["value"]) for trial in results["trials"]}
     return scores

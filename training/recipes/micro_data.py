@@ -150,3 +150,16 @@ def write_eval_data(root: Path, recipe: DataRecipe) -> dict[str, Path]:
              "image": "../" + images(e.query, f"{split}ep{i}_q"), "answer": e.answer, "choices": list(e.words)}
             for i, e in enumerate(episodes)))
     return {kind: root / kind for kind in ("caption", "vqa", "binding")}
+
+
+def eval_config(model_dir: Path, kind: str, directory: Path, *, shots: list[int], output: Path,
+                num_samples: int | None = None, batch_size: int = 16, predictions_dir: Path | None = None):
+    """The ``flamingo-eval`` run of one micro custom task (``kind``: caption | vqa | binding), laid out as the training
+    data is (no separator between chunks) and decoded greedily; the recipe and ``flamingo.demo`` both evaluate so."""
+    from flamingo_eval.runner import EvalConfig
+
+    return EvalConfig(
+        model=model_dir, tasks=["custom"], custom_kind=kind, data_dir=directory, shots=shots,
+        num_samples=num_samples, batch_size=batch_size, demo_separator="", num_beams=1, output=output,
+        predictions_dir=predictions_dir,
+    )
