@@ -9,8 +9,8 @@ It prints three sections, and writes every image it shows under ``--out``:
    ``flamingo_eval``'s evaluator on the recipe's evaluation files (``flamingo_train.recipes.micro_data``), as
    ``flamingo-eval run --model micro --tasks custom --custom-kind vqa --data-dir DIR/data/vqa`` computes it;
 2. one interleaved few-shot prompt, two captioned scenes then a new one, and what the model writes for it;
-3. binding side by side: episodes that bind two made-up words to two shapes in their demos only, with the model's
-   pick at 0 shots (chance, by construction) and at 4 shots.
+3. binding side by side: episodes that bind two made-up words to two object kinds (a shape in a colour) in their
+   demos only, with the model's pick at 0 shots (chance, by construction) and at 4 shots.
 
 The same steps with a real model read::
 
@@ -107,7 +107,7 @@ def print_evaluation(results: dict[str, dict], data_dirs: dict[str, Path], confi
     for kind, (name, metric) in TASKS.items():
         scores = results[kind]["scores"]
         print(f"{name:<12}{metric:<16}" + "".join(f"{scores[k]:9.1f}" for k in SHOTS))
-    print("(binding at 0 shots is chance, 50%, by construction: only the demos say which word names which shape)")
+    print("(binding at 0 shots is chance, 50%, by construction: only the demos say which word names which kind)")
     if not config.examples:
         return
     last = max(SHOTS)
@@ -206,7 +206,8 @@ def run(config: DemoConfig) -> dict:
     print(f"model:   {prompt['generated']}")
     print(f"correct: {prompt['reference']}")
 
-    heading("3. In-context binding: made-up words bound to two shapes by the demos only (words never seen in training)")
+    heading("3. In-context binding: made-up words bound to two kinds of object by the demos only (words never seen in "
+            "training)")
     print_binding(results, data["binding"], config.out / "binding", config)
 
     seconds = time.perf_counter() - started

@@ -10,12 +10,20 @@ import torch
 from safetensors.torch import save_file
 
 
+def _default_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask); mkstemp's private 0o600 would otherwise stay."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _default_file_mode())
         with open(tmp, "rb") as written:  # on disk before the rename, so a crash cannot leave an empty file
             os.fsync(written.fileno())
         os.replace(tmp, path)

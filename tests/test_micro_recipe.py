@@ -6,10 +6,15 @@ import json
 import pytest
 import torch
 
+from transformers import AutoTokenizer
+
 import flamingo
-from flamingo.micro.world import SYLLABLES, TEST_WORDS, TRAIN_WORDS
+from flamingo.micro.world import KINDS, SYLLABLES, TEST_WORDS, TRAIN_WORDS, binding_episode
+from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from flamingo_train.recipes.micro import MicroRecipe, run
+from flamingo_train.recipes.micro_backbones import soften_kind_tokens
 from flamingo_train.recipes.micro_data import DataRecipe, write_eval_data, write_training_data
+from flamingo_train.recipes.texts import ARTICLE, BINDING_PROMPT, KIND_TOKENS, binding_text, kind_token
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +48,18 @@ def test_smoke_recipe_writes_a_loadable_model_and_its_scores(smoke_run):
     assert not torch.equal(trained_lm["lm_head.weight"], init_lm["lm_head.weight"])  # the added rows did train
 
 
+def test_the_recipe_is_deterministic_for_a_seed(smoke_run, tmp_path):
+    output, report = smoke_run
+    again = run(MicroRecipe.smoke(), tmp_path)
+    assert again["trained"] == report["trained"]
+    assert again["clip_retrieval_top1"] == report["clip_retrieval_top1"]
+    first = flamingo.Flamingo.from_pretrained(output / "flamingo" / "final").state_dict()
+    second = flamingo.Flamingo.from_pretrained(tmp_path / "flamingo" / "final").state_dict()
+    assert first.keys() == second.keys()
+    for key in first:  # bit for bit: backbones (CLIP, LM) and the trained perceiver and cross-attention
+        assert torch.equal(first[key], second[key]), key
+
+
 def test_every_nonsense_word_is_two_tokens_of_known_pieces(smoke_run):
     output, _ = smoke_run
     processor = flamingo.FlamingoProcessor.from_pretrained(output / "flamingo" / "final")
@@ -67,3 +84,36 @@ def test_data_is_deterministic_and_the_held_out_words_are_unseen(tmp_path):
         assert set(episode["choices"]) <= set(TEST_WORDS) and episode["answer"] in episode["choices"]
         assert [d["word"] for d in episode["demos"]][:2] != [episode["choices"][0]] * 2
         assert (eval_dirs["binding"] / episode["image"]).is_file()
+
+
+def test_the_lm_reads_binding_in_flamingos_layout_with_a_kind_token_for_the_article(smoke_run):
+    # Token by token, the LM's binding text is Flamingo's binding prompt with each " a" replaced by the image's kind
+    # token: the one position the cross-attention has to fill from the image.
+    output, _ = smoke_run
+    tokenizer = AutoTokenizer.from_pretrained(output / "lm")
+    episode = binding_episode("train", 3, shots=4)
+    lm_ids = tokenizer(binding_text(episode))["input_ids"]
+    items = [*episode.demos, (episode.query, episode.answer)]
+    flamingo_ids = tokenizer("".join(MEDIA_TOKEN + BINDING_PROMPT.format(word=w) + END_OF_CHUNK_TOKEN
+                                     for _, w in items))["input_ids"]
+    assert len(lm_ids) == len(flamingo_ids)
+    differing = [(a, b) for a, b in zip(lm_ids, flamingo_ids) if a != b]
+    (article,) = tokenizer(ARTICLE, add_special_tokens=False)["input_ids"]
+    kinds = tokenizer.convert_tokens_to_ids([kind_token(scene) for scene, _ in items])
+    assert differing == [(kind, article) for kind in kinds]
+    assert len(set(tokenizer.convert_tokens_to_ids(list(KIND_TOKENS)))) == len(KINDS)  # one special token each
+
+
+def test_soft_kind_tokens_lie_between_the_article_and_the_kind_and_nothing_else_moves():
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 7, 9, 7], [9, 1, 7, 2]])
+    kind_ids = torch.tensor([7, 9])
+    embeddings, article = torch.randn(2, 4, 3), torch.randn(3)
+    assert torch.equal(soften_kind_tokens(embeddings, ids, kind_ids, article, share=0.0), embeddings)
+    soft = soften_kind_tokens(embeddings, ids, kind_ids, article, share=1.0)
+    is_kind = torch.isin(ids, kind_ids)
+    assert torch.equal(soft[~is_kind], embeddings[~is_kind])
+    # each soft row is u * kind + (1 - u) * article with one u in [0, 1] for all its coordinates
+    u = (soft[is_kind] - article) / (embeddings[is_kind] - article)
+    assert torch.allclose(u, u[:, :1].expand_as(u), atol=1e-5)
+    assert bool(((u >= 0) & (u <= 1)).all()) and not torch.equal(soft[is_kind], embeddings[is_kind])

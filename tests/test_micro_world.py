@@ -6,6 +6,7 @@ from flamingo.micro.world import (
     COLOURS,
     COUNT_WORDS,
     IMAGE_SIZE,
+    KINDS,
     SHAPES,
     SIZES,
     SYLLABLES,
@@ -100,18 +101,23 @@ def test_word_pools_are_disjoint_and_tokenisable():
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_binding_episodes_bind_two_shapes_by_the_demos_only(split):
+def test_binding_episodes_bind_two_object_kinds_by_the_demos_only(split):
     pool = TRAIN_WORDS if split == "train" else TEST_WORDS
+    looks = set()
     for index in range(100):
         episode = binding_episode(split, index, shots=4)
         word_of = {}
         for scene, word in episode.demos:
             (obj,) = scene.shapes
-            assert word_of.setdefault(obj.shape, word) == word  # one word per shape
+            assert (obj.colour, obj.shape) in KINDS
+            assert word_of.setdefault((obj.colour, obj.shape), word) == word  # one word per kind
+            looks.add((obj.colour, obj.shape, obj.size, round(obj.x)))
         assert len(word_of) == 2 and set(word_of.values()) == set(episode.words) <= set(pool)
         words = [w for _, w in episode.demos]
         assert sorted(words[:2]) == sorted(words[2:]) == sorted(episode.words)  # every even prefix is balanced
         (query,) = episode.query.shapes
-        assert word_of[query.shape] == episode.answer
+        assert word_of[(query.colour, query.shape)] == episode.answer
         first = [next(s for s in SYLLABLES if w.startswith(s)) for w in episode.words]
         assert first[0] != first[1]  # the first token already tells the two words apart
+    sizes = {size for _, _, size, _ in looks}
+    assert sizes == set(SIZES) and len({x for *_, x in looks}) > 20  # a kind's images differ in size and place

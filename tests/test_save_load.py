@@ -96,6 +96,21 @@ def test_default_save_holds_only_config_and_trainable_weights_and_refers_to_the_
     assert config["vision_model_cfg"]["vision_cfg"]["width"] == 64
 
 
+def test_saved_files_get_the_permissions_of_any_new_file_not_private_ones(tmp_path, tiny_vision, tiny_lm_dir):
+    # Files are written to a private temporary file and renamed; the rename must not keep mkstemp's 0o600, or a
+    # model saved for a group (a shared checkpoint folder) cannot be read by it.
+    model, processor = build_tiny_model(tiny_vision, tiny_lm_dir("llama"))
+    out = tmp_path / "saved"
+    model.save_pretrained(out, save_backbones=True)
+    processor.save_pretrained(out)
+    (tmp_path / "plain").write_text("x")
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    # language_model/ is the LM's own save_pretrained (transformers' file modes, not ours)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and "preprocessor_config.json" in modes
+    assert all(mode == expected for mode in modes.values()), {k: oct(m) for k, m in modes.items() if m != expected}
+
+
 def test_saved_weights_are_much_smaller_than_the_language_model(tmp_path, tiny_vision):
     """An LM with a realistic (padded) vocabulary: its embeddings dominate, and none of them is saved."""
     lm_dir = save_tiny_lm(tmp_path / "lm", "llama", vocab_size=8192)

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from flamingo.micro.world import IMAGE_SIZE, SYLLABLES, captions, make_scene, render, rng_for
+from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from flamingo_train.config import ScheduleConfig
 from flamingo_train.optim import build_scheduler
 
-from .texts import lm_document, tokenizer_corpus
+from .texts import ARTICLE, KIND_TOKENS, lm_document, tokenizer_corpus
 
 CLIP_NAME = "micro-vit"
 # open_clip's OpenAI normalisation, which FlamingoProcessor applies for open_clip towers.
@@ -42,7 +43,9 @@ def train_tokenizer(out_dir: Path, *, vocab_size: int = 400, num_documents: int 
     """Byte-level BPE learnt from the LM corpus, with bos added in front of every text (Llama-style).
 
     Every nonsense-word syllable is an added token (with and without a leading space), so each word, train or test,
-    is exactly two tokens made of pieces the LM has seen: a test word is new as a word, never as tokens.
+    is exactly two tokens made of pieces the LM has seen: a test word is new as a word, never as tokens. Flamingo's
+    ``<image>`` and ``<|endofchunk|>`` and the kind tokens (:data:`.texts.KIND_TOKENS`) are special tokens, since
+    the LM reads its documents in Flamingo's layout.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -54,18 +57,27 @@ def train_tokenizer(out_dir: Path, *, vocab_size: int = 400, num_documents: int 
     tokenizer.add_tokens([AddedToken(" " + s, normalized=False) for s in SYLLABLES]
                          + [AddedToken(s, normalized=False) for s in SYLLABLES])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.add_special_tokens({"extra_special_tokens": [END_OF_CHUNK_TOKEN, MEDIA_TOKEN, *KIND_TOKENS]},
+                            replace_extra_special_tokens=False)
     fast.save_pretrained(out_dir)
     return fast
 
 
 @dataclass
 class ClipRecipe:
-    """The tiny CLIP: a ViT over 8-px patches of the 64-px scenes, and a 2-layer text transformer."""
+    """The tiny CLIP: a ViT over 8-px patches of the 64-px scenes, and a 2-layer text transformer.
+
+    The image embedding is the mean of the patch tokens (open_clip's ``pool_type="avg"``), not a class token: the
+    contrastive loss then trains the very tokens Flamingo's perceiver reads. Measured with an attention probe on
+    frozen patch tokens (shape of a one-object held-out scene, chance 0.2): 0.91 with the class token, 0.98 with
+    the mean, both at 1200 steps; 0.78 at 400 steps.
+    """
 
     width: int = 96
     layers: int = 2
     embed_dim: int = 64
-    steps: int = 400
+    pool_type: str = "avg"
+    steps: int = 1200
     batch_size: int = 128
     lr: float = 1e-3
     num_scenes: int = 8000
@@ -81,7 +93,7 @@ def clip_model_config(recipe: ClipRecipe, vocab_size: int) -> dict:
     return {
         "embed_dim": recipe.embed_dim,
         "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": recipe.width, "layers": recipe.layers,
-                       "head_width": 32, "mlp_ratio": 4.0},
+                       "head_width": 32, "mlp_ratio": 4.0, "pool_type": recipe.pool_type},
         "text_cfg": {"context_length": 32, "vocab_size": vocab_size + 1, "width": 128, "heads": 4, "layers": 2},
     }
 
@@ -152,7 +164,13 @@ def clip_retrieval(model, tokenizer, num_scenes: int = 256) -> float:
 
 @dataclass
 class LMRecipe:
-    """The tiny Llama and its pretraining on the micro world's text (:func:`flamingo_train.recipes.texts.lm_document`)."""
+    """The tiny Llama and its pretraining on the micro world's text (:func:`flamingo_train.recipes.texts.lm_document`).
+
+    From ``soft_kinds_from`` (a fraction of ``steps``) on, each kind token's input embedding is, with probability
+    ``soft_kinds_share``, mixed with the embedding of `` a``: ``u * kind + (1 - u) * article``, ``u ~ U(0, 1)``
+    (see :mod:`.texts`). The first half trains on hard tokens, so the copying circuit forms first (with soft tokens
+    from the start, or with ``<image>`` in place of a third of the kind tokens, it did not form in 2000 steps).
+    """
 
     hidden_size: int = 128
     layers: int = 2
@@ -161,6 +179,8 @@ class LMRecipe:
     batch_size: int = 32
     seq_len: int = 96
     lr: float = 1e-3
+    soft_kinds_from: float = 0.5
+    soft_kinds_share: float = 0.5
     seed: int = 0
 
 
@@ -176,8 +196,18 @@ def _token_stream(tokenizer, seq_len: int):
             buffer = buffer[seq_len:]
 
 
+def soften_kind_tokens(embeddings: torch.Tensor, input_ids: torch.Tensor, kind_ids: torch.Tensor,
+                       article: torch.Tensor, share: float) -> torch.Tensor:
+    """(b, l, d) input embeddings with a random ``share`` of the kind tokens moved towards ``article`` (d,) by a
+    uniform random amount; ids (b, l), kind_ids (k,)."""
+    soft = torch.isin(input_ids, kind_ids) & (torch.rand(input_ids.shape) < share)
+    keep = torch.rand(*input_ids.shape, 1)
+    return torch.where(soft[..., None], keep * embeddings + (1 - keep) * article, embeddings)
+
+
 def train_lm(tokenizer, recipe: LMRecipe, out_dir: Path) -> LlamaForCausalLM:
-    """Next-token training of a Llama from random init; saves model and tokenizer with ``save_pretrained``."""
+    """Next-token training of a Llama from random init, with soft kind tokens in the second part (see
+    :class:`LMRecipe`); saves model and tokenizer with ``save_pretrained``."""
     torch.manual_seed(recipe.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=3 * recipe.hidden_size,
@@ -189,11 +219,18 @@ def train_lm(tokenizer, recipe: LMRecipe, out_dir: Path) -> LlamaForCausalLM:
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.95))
     schedule = build_scheduler(optimizer, ScheduleConfig(kind="cosine", warmup_steps=100), max_steps=recipe.steps)
     stream = _token_stream(tokenizer, recipe.seq_len)
+    kind_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(KIND_TOKENS)))
+    (article_id,) = tokenizer(ARTICLE, add_special_tokens=False)["input_ids"]
+    embed = model.get_input_embeddings()
     model.train()
     bar = tqdm(range(recipe.steps), desc="lm", leave=False)
-    for _ in bar:
+    for step in bar:
         batch = torch.tensor([next(stream) for _ in range(recipe.batch_size)])
-        loss = model(input_ids=batch, labels=batch).loss
+        embeddings = embed(batch)
+        if step >= recipe.soft_kinds_from * recipe.steps:
+            embeddings = soften_kind_tokens(embeddings, batch, kind_ids, embed.weight[article_id],
+                                            recipe.soft_kinds_share)
+        loss = model(inputs_embeds=embeddings, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
