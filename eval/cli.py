@@ -18,10 +18,18 @@ Custom data (``flamingo_eval.data``; binding episodes: ``flamingo_eval.binding``
 
     flamingo-eval run --model my-flamingo --tasks custom --custom-kind caption|vqa|binding --data-dir DIR ...
     flamingo-eval run ... --demo-separator ''      # demos joined as in training: <image>a<|endofchunk|><image>b...
+    flamingo-eval score --task custom --custom-kind caption|vqa --predictions preds/custom-4shot-seed42.json \
+        --annotations DIR/test.jsonl                # the file the run read serves as the annotations
 
 ``--tasks``, ``--custom-kind``, the per-task path flags and ``score --task`` list the tasks registered in
-``flamingo_eval.tasks``. ``--num-beams``, ``--max-new-tokens`` and ``--demo-separator`` (escapes decoded: ``'\\n'``)
-override the task's own setting.
+``flamingo_eval.tasks``. ``--num-beams``, ``--max-new-tokens``, ``--demo-separator`` (escapes decoded: ``'\\n'``)
+and ``--zero-shot-text-demos`` override the task's own setting. Defaults: OpenFlamingo's, for comparability (two
+text-only demos at 0 shots; 5 new tokens for VQA, 20 for captions), except that custom caption / VQA tasks take
+``max_new_tokens`` from their data: the longest reference answer in tokens + 2.
+
+Results: each trial records its score (``value``), for VQA the accuracy rule that applied (``vqa_rule``: official
+formula with ten answers, exact match with fewer; ``flamingo_eval.metrics.vqa``), and ``truncated``: how many
+generations used every new token without reaching a stop (a warning says so once).
 
 Files: ``--data-dir`` holds one folder per task in the layout of ``flamingo_eval.data`` (or is one task's folder);
 any file can be overridden with ``--path task.key=FILE`` or the per-task flags (``--coco-karpathy-json FILE``,
@@ -37,7 +45,7 @@ import json
 import sys
 from pathlib import Path
 
-from .score import scored_tasks
+from .score import scored_custom_kinds, scored_tasks
 from .tasks import custom_kinds, task_names, tasks_named
 
 DEFAULT_SEEDS = (42, 43, 44)
@@ -56,6 +64,17 @@ def parse_escapes(value: str) -> str:
         return value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     except UnicodeDecodeError as error:
         raise argparse.ArgumentTypeError(f"bad escape sequence in {value!r}: {error.reason}") from error
+
+
+def _count(value: str) -> int:
+    """A non-negative integer flag value."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,13 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--class-batch-size", type=int, default=8, help="class names scored per cached-prompt copy")
     run.add_argument("--num-beams", type=int, default=None)
-    run.add_argument("--max-new-tokens", type=int, default=None)
+    run.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: the task's (custom caption/vqa: the longest reference answer in tokens + 2)",
+    )
     run.add_argument(
         "--demo-separator",
         type=parse_escapes,
         default=None,
         metavar="TEXT",
         help="text between demos, escapes decoded ('\\n', or '' as in training's chunk layout); default: the task's",
+    )
+    run.add_argument(
+        "--zero-shot-text-demos",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="text-only demos in a 0-shot prompt (0: the query alone); default: the task's, 2 as in OpenFlamingo",
     )
     run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     run.add_argument("--output", type=Path, default=Path("results.json"))
@@ -113,8 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="score an official-format predictions file; prints one JSON object")
     score.add_argument("--task", required=True, choices=scored_tasks())
+    score.add_argument(
+        "--custom-kind", choices=scored_custom_kinds(), default=None, help="what --task custom holds"
+    )
     score.add_argument("--predictions", type=Path, required=True)
-    score.add_argument("--annotations", type=Path, required=True)
+    score.add_argument(
+        "--annotations", type=Path, required=True, help="the official annotation file; custom: its test.jsonl"
+    )
     score.add_argument("--questions", type=Path, default=None)
     score.add_argument(
         "--subset", action="store_true", help="score only the annotated items that have a prediction (--num-samples runs)"
@@ -171,6 +207,7 @@ def config_from_args(args: argparse.Namespace):
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
         demo_separator=args.demo_separator,
+        zero_shot_text_demos=args.zero_shot_text_demos,
         dtype=args.dtype,
     )
 
@@ -181,7 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "score":
             from .score import score_files
 
-            print(json.dumps(score_files(args.task, args.predictions, args.annotations, args.questions, subset=args.subset)))
+            scores = score_files(
+                args.task,
+                args.predictions,
+                args.annotations,
+                args.questions,
+                subset=args.subset,
+                custom_kind=args.custom_kind,
+            )
+            print(json.dumps(scores))
         else:
             from .results import markdown_table
             from .runner import Evaluator

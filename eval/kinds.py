@@ -8,6 +8,10 @@ A :class:`flamingo_eval.tasks.Task` holds one kind object; generic code (runner,
     kind.score_records(records, examples, stem=...)      -> {metric: %}, against the loaded query examples
     kind.score_files(predictions, annotations, questions, subset=..., stem=...) -> {metric: %}, official files
 
+Both scorers may report more than ``{metric: %}``: VQA adds which accuracy rule applied (``"vqa_rule"``,
+``"vqa_rule_counts"``; ``flamingo_eval.metrics.vqa``). Custom tasks score files too: their ``reference_file`` reads
+the annotations from the task's own ``test.jsonl`` (``flamingo_eval.readers``) instead of an official format.
+
 Kinds here: :class:`Captioning` (CIDEr), :class:`Vqa` (VQA accuracy, OK-VQA stemming by ``stem``) and
 :class:`Classification` (top-1 accuracy, or ROC-AUC of one class's probability). Binding (episodic word binding)
 is ``flamingo_eval.binding.Binding``. Per-task variations (COCO's ids, VizWiz's "image" key, HatefulMemes' "yes")
@@ -16,7 +20,7 @@ are fields of the kind object, so two tasks of one kind differ only in data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +29,7 @@ from .classification import class_log_probs
 from .files import Example
 from .generation import generate_answers
 from .metrics import cider, roc_auc, vqa_accuracy
+from .metrics.vqa import vqa_rule
 from .official import caption_references, check_ids, id_key, jsonl_labels, predictions_by_id, vqa_answers
 
 
@@ -78,14 +83,32 @@ def records_by_id(records: list[dict], examples: Sequence[Example], what: str) -
     return by_id
 
 
+def references_by_id(examples: Sequence[Example], path: Path) -> dict[str, list[str]]:
+    """id -> reference answers of the examples read from annotation file ``path``; ids must be unique."""
+    references: dict[str, list[str]] = {}
+    for example in examples:
+        key = id_key(example.id)
+        if key in references:
+            raise ValueError(f"{path}: id {example.id!r} appears more than once; every scored item needs its own id")
+        if not example.answers:
+            raise ValueError(f"{path}: item {example.id!r} has no reference answers to score against")
+        references[key] = list(example.answers)
+    if not references:
+        raise ValueError(f"{path}: no records to score against")
+    return references
+
+
 @dataclass(frozen=True)
 class Captioning(Kind):
     """Generated captions, ``[{"image_id", "caption"}]``, scored by CIDEr-D.
 
     cocoid: Karpathy-split ids are the ``cocoid`` (COCO), else the file name's stem (Flickr30K).
+    reference_file: ``path -> [Example]`` reading the annotation file ``score_files`` takes (custom: the task's
+        ``test.jsonl``); None: a COCO-format captions file or a Karpathy split file.
     """
 
     cocoid: bool = False
+    reference_file: Callable[[Path], list[Example]] | None = None
     name: ClassVar[str] = "caption"
 
     @property
@@ -107,7 +130,10 @@ class Captioning(Kind):
                                {id_key(e.id): list(e.answers) for e in examples})}
 
     def score_files(self, predictions, annotations, questions, *, subset: bool, stem: bool) -> dict[str, float]:
-        references = caption_references(annotations, cocoid=self.cocoid)
+        if self.reference_file is None:
+            references = caption_references(annotations, cocoid=self.cocoid)
+        else:
+            references = references_by_id(self.reference_file(Path(annotations)), annotations)
         captions = predictions_by_id(predictions, ["image_id"], ["caption"], str)
         references = check_ids(captions, references, predictions, annotations, subset=subset)
         return {"cider": cider(captions, references)}
@@ -118,9 +144,14 @@ class Vqa(Kind):
     """Generated short answers, ``[{"question_id", "answer"}]``, scored by the official VQA accuracy.
 
     image_key: records also carry ``"image"`` (= the id), the key VizWiz's server reads; the scorer reads either.
+    reference_file: ``path -> [Example]`` reading the annotation file ``score_files`` takes (custom: the task's
+        ``test.jsonl``, questions included); None: the VQA v2 / OK-VQA, TextVQA or VizWiz annotation formats.
+
+    Scores carry the accuracy rule beside the accuracy: ``{"accuracy", "vqa_rule", "vqa_rule_counts"}``.
     """
 
     image_key: bool = False
+    reference_file: Callable[[Path], list[Example]] | None = None
     name: ClassVar[str] = "vqa"
 
     @property
@@ -139,20 +170,26 @@ class Vqa(Kind):
             return {"question_id": example.id, "image": example.id, "answer": str(output)}
         return {"question_id": example.id, "answer": str(output)}
 
-    def score_records(self, records, examples, *, stem: bool) -> dict[str, float]:
-        return {"accuracy": vqa_accuracy({id_key(r["question_id"]): r["answer"] for r in records},
-                                         {id_key(e.id): list(e.answers) for e in examples}, stem=stem)}
+    def score_records(self, records, examples, *, stem: bool) -> dict:
+        answers = {id_key(e.id): list(e.answers) for e in examples}
+        accuracy = vqa_accuracy({id_key(r["question_id"]): r["answer"] for r in records}, answers, stem=stem)
+        return {"accuracy": accuracy, **vqa_rule(answers)}
 
-    def score_files(self, predictions, annotations, questions, *, subset: bool, stem: bool) -> dict[str, float]:
+    def score_files(self, predictions, annotations, questions, *, subset: bool, stem: bool) -> dict:
         if stem:  # a missing stemming package is a setup error: one line, as for a bad file
             from .metrics.okvqa_stem import require_stem_backend
 
             require_stem_backend()
-        answers = vqa_answers(annotations, Path(questions) if questions is not None else None)
+        if self.reference_file is None:
+            answers = vqa_answers(annotations, Path(questions) if questions is not None else None)
+        elif questions is not None:
+            raise ValueError(f"questions file {questions}: not read here, the annotation records carry their questions")
+        else:
+            answers = references_by_id(self.reference_file(Path(annotations)), annotations)
         id_keys = ["question_id", "image"] if self.image_key else ["question_id"]
         predicted = predictions_by_id(predictions, id_keys, ["answer"], str)
         answers = check_ids(predicted, answers, predictions, annotations, subset=subset)
-        return {"accuracy": vqa_accuracy(predicted, answers, stem=stem)}
+        return {"accuracy": vqa_accuracy(predicted, answers, stem=stem), **vqa_rule(answers)}
 
 
 @dataclass(frozen=True)

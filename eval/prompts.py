@@ -1,7 +1,8 @@
 """Per-task prompts, decoding settings and post-processing: OpenFlamingo's, so our numbers compare with theirs.
 
 Every setting is a field of :class:`TaskSpec`; override one with ``dataclasses.replace(get_task_spec("coco"),
-max_new_tokens=30)`` (or the CLI's ``--num-beams`` / ``--max-new-tokens`` / ``--demo-separator``).
+max_new_tokens=30)`` (or the CLI's ``--num-beams`` / ``--max-new-tokens`` / ``--demo-separator`` /
+``--zero-shot-text-demos``).
 
 Prompts (``{answer}`` is empty for the query, which also gets no ``<|endofchunk|>``)::
 
@@ -12,8 +13,14 @@ Prompts (``{answer}`` is empty for the query, which also gets no ``<|endofchunk|
     binding         <image>This is a {word}.<|endofchunk|>      (query: <image>This is a)
 
 Captioning, VQA and binding demos are each followed by "\\n"; classification demos are joined with nothing, as in
-OpenFlamingo's ``evaluate.py``. "0-shot" uses two text-only demos (their ``<image>`` removed), following Flamingo;
-binding's 0-shot is the query alone (its demos belong to the episode, and there is no answer format to show).
+OpenFlamingo's ``evaluate.py``. "0-shot" uses two text-only demos (their ``<image>`` removed), following Flamingo
+and OpenFlamingo (``zero_shot_text_demos``; ``--zero-shot-text-demos 0`` makes 0-shot the query alone); binding's
+0-shot is the query alone (its demos belong to the episode, and there is no answer format to show).
+
+Decoding budget: ``max_new_tokens`` is the task's (OpenFlamingo's: captions 20, VQA 5, TextVQA 10). A spec with
+``answer_margin_tokens`` (the custom caption and VQA tasks) takes it from the data instead: the longest reference
+answer in tokens plus that margin (``flamingo_eval.tasks.spec_for_data``), so a custom answer longer than five
+tokens is not cut short. An explicit ``--max-new-tokens`` wins over both.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class TaskSpec:
         "binding" ranks each query's own ``Example.choices`` the same way.
     stop_words: the generation is cut at the first of these (the model continuing with the next demo's template).
     split_comma: also cut at the first ", " (VQA answers are short; captions legitimately contain commas).
+    answer_margin_tokens: None -- ``max_new_tokens`` is fixed; an int -- ``spec_for_data`` sets ``max_new_tokens`` to
+        the longest reference answer's token count plus this margin (room for ``<|endofchunk|>`` and a token more).
     """
 
     name: str
@@ -53,6 +62,7 @@ class TaskSpec:
     remove_quotes: bool = False  # OpenFlamingo drops '"' from captions
     stem: bool = False  # OK-VQA: answers are stemmed before matching
     zero_shot_text_demos: int = 2  # Flamingo's 0-shot: two text-only demos show the answer format
+    answer_margin_tokens: int | None = None
     class_names: tuple[str, ...] | None = None  # classification; index = Example.label
 
     def demo_text(self, example, *, with_image: bool = True) -> str:
@@ -92,6 +102,13 @@ class TaskSpec:
             generated = generated.replace('"', "")
         return generated.strip()
 
+    def stops_in(self, generated: str) -> bool:
+        """Whether ``postprocess`` cuts ``generated`` at a stop word (or, with ``split_comma``, at ", "): the answer
+        ended before the text did, so running out of ``max_new_tokens`` did not cut it short."""
+        if any(word in generated for word in self.stop_words):
+            return True
+        return self.split_comma and ", " in generated
+
 
 CAPTION_TEMPLATE = "<image>Output:{answer}"
 VQA_TEMPLATE = "<image>Question:{question} Short answer:{answer}"
@@ -99,13 +116,21 @@ HATEFUL_TEMPLATE = "<image>is an image with: '{text}' written on it. Is it hatef
 BINDING_TEMPLATE = "<image>This is a{answer}"  # {answer} = binding_continuation(word) = " dax."
 
 
-def caption_spec(name: str) -> TaskSpec:
+def caption_spec(name: str, *, answer_margin_tokens: int | None = None) -> TaskSpec:
     return TaskSpec(
-        name=name, kind="caption", template=CAPTION_TEMPLATE, metric="cider", max_new_tokens=20, remove_quotes=True
+        name=name,
+        kind="caption",
+        template=CAPTION_TEMPLATE,
+        metric="cider",
+        max_new_tokens=20,
+        remove_quotes=True,
+        answer_margin_tokens=answer_margin_tokens,
     )
 
 
-def vqa_spec(name: str, *, max_new_tokens: int = 5, stem: bool = False) -> TaskSpec:
+def vqa_spec(
+    name: str, *, max_new_tokens: int = 5, stem: bool = False, answer_margin_tokens: int | None = None
+) -> TaskSpec:
     return TaskSpec(
         name=name,
         kind="vqa",
@@ -114,6 +139,7 @@ def vqa_spec(name: str, *, max_new_tokens: int = 5, stem: bool = False) -> TaskS
         max_new_tokens=max_new_tokens,
         split_comma=True,
         stem=stem,
+        answer_margin_tokens=answer_margin_tokens,
     )
 
 

@@ -235,19 +235,24 @@ def read_imagenet(layout) -> TaskData:
     )
 
 
+def _custom_split(path: Path, key: str, example: Callable[[dict, Path, int, str], Example]) -> list[Example]:
+    """One custom jsonl file, each line made into an Example by ``example(record, image, index, where)``; images are
+    relative to the file."""
+    examples = []
+    for index, record in enumerate(read_jsonl(path, key)):
+        where = f"{path}, record {index}"
+        image = path.parent / field_of(record, "image", where, str)
+        examples.append(example(record, image, index, where))
+    return examples
+
+
 def _read_custom(layout, example: Callable[[dict, Path, int, str], Example]) -> TaskData:
-    """Both jsonl splits, each line made into an Example by ``example(record, image, index, where)``."""
-
-    def split(key: str) -> list[Example]:
-        path = layout[key]
-        examples = []
-        for index, record in enumerate(read_jsonl(path, key)):
-            where = f"{path}, record {index}"
-            image = path.parent / field_of(record, "image", where, str)
-            examples.append(example(record, image, index, where))
-        return examples
-
-    return TaskData(task="custom", support=split("train_jsonl"), query=split("test_jsonl"))
+    """Both jsonl splits (``train_jsonl`` support, ``test_jsonl`` query)."""
+    return TaskData(
+        task="custom",
+        support=_custom_split(layout["train_jsonl"], "train_jsonl", example),
+        query=_custom_split(layout["test_jsonl"], "test_jsonl", example),
+    )
 
 
 def _caption_example(record: dict, image: Path, index: int, where: str) -> Example:
@@ -278,3 +283,15 @@ def read_custom_captions(layout) -> TaskData:
 def read_custom_vqa(layout) -> TaskData:
     """custom, custom_kind="vqa": lines ``{"question_id"?, "image", "question", "answers": [...] | "answer"}``."""
     return _read_custom(layout, _vqa_example)
+
+
+def read_custom_caption_references(path: Path) -> list[Example]:
+    """One custom caption file (a ``test.jsonl``) as ``score_files`` reads it: the same records, ids and captions
+    that ``read_custom_captions`` gives the runner."""
+    return _custom_split(Path(path), "annotations", _caption_example)
+
+
+def read_custom_vqa_references(path: Path) -> list[Example]:
+    """One custom VQA file (a ``test.jsonl``) as ``score_files`` reads it: the same records, ids and answers that
+    ``read_custom_vqa`` gives the runner."""
+    return _custom_split(Path(path), "annotations", _vqa_example)

@@ -34,10 +34,11 @@ from flamingo.micro import resolve_model_path
 
 from .data import load_task_data
 from .demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
+from .generation import count_truncated
 from .metrics.okvqa_stem import require_stem_backend
 from .results import ProgressLog, settings_hash, write_results
-from .score import score_records, write_predictions
-from .tasks import Task, TaskSpec, get_task, get_task_spec
+from .score import trial_scores, write_predictions
+from .tasks import Task, TaskSpec, get_task, spec_for_data
 
 
 @dataclass
@@ -64,6 +65,7 @@ class EvalConfig:
     num_beams: int | None = None  # None: the task's default (3)
     max_new_tokens: int | None = None  # None: the task's default
     demo_separator: str | None = None  # None: the task's default ("\n" captioning/VQA/binding, "" classification)
+    zero_shot_text_demos: int | None = None  # None: the task's (2 text-only demos at 0 shots, as OpenFlamingo)
     dtype: str = "float32"
     media_cache: bool = True  # encode each distinct image once per run (False re-encodes every batch)
 
@@ -199,11 +201,13 @@ class Evaluator:
     def _spec(self, task: Task, data) -> TaskSpec:
         """The task's spec with the dataset's class names and the config's decoding / layout overrides."""
         cfg = self.config
-        spec = get_task_spec(task, class_names=data.class_names)
+        spec = spec_for_data(task, data, self.processor.tokenizer)  # custom: max_new_tokens from the answers
         # num_beams / max_new_tokens: 0 or None keep the task's value; any separator, "" included, replaces it.
         overrides = {k: v for k, v in (("num_beams", cfg.num_beams), ("max_new_tokens", cfg.max_new_tokens)) if v}
         if cfg.demo_separator is not None:
             overrides["demo_separator"] = cfg.demo_separator
+        if cfg.zero_shot_text_demos is not None:  # 0 included: the query alone at 0 shots
+            overrides["zero_shot_text_demos"] = cfg.zero_shot_text_demos
         return dataclasses.replace(spec, **overrides)
 
     def _settings(self, task: str, data, spec: TaskSpec, *, shots: int, seed: int, num_queries: int) -> dict:
@@ -287,15 +291,13 @@ class Evaluator:
         if cfg.predictions_dir is not None:  # before scoring, so a metric that cannot be computed keeps the outputs
             name = f"{task.name}-{shots}shot-seed{seed}{'-rices' if cfg.rices else ''}.json"
             predictions_file = write_predictions(task, predictions, Path(cfg.predictions_dir) / name)
-        value = None
-        if task.kind.has_references(queries):  # no answers: e.g. a test-dev export
-            (value,) = score_records(task, predictions, queries, stem=spec.stem).values()
         return {
             "task": task.name,
             "shots": shots,
             "seed": seed,
             "metric": spec.metric,
-            "value": value,
+            **trial_scores(task, predictions, queries, stem=spec.stem),  # "value" (None: no answers), VQA's rule
+            "truncated": count_truncated(ordered),  # generations that ran out of max_new_tokens (None: no generation)
             "num_queries": len(queries),
             "rices": cfg.rices,
             "predictions": None if predictions_file is None else str(predictions_file),

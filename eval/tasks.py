@@ -17,6 +17,8 @@ runner, ``score_records`` / ``score_files`` and ``write_fixture_data`` all know 
 
 ``custom`` is one name with several tasks, told apart by ``custom_kind`` (``--custom-kind``): "caption", "vqa",
 "binding". ``get_task(name, custom_kind=...)`` finds either sort; a named benchmark ignores ``custom_kind``.
+Custom caption and VQA files are scored as written: ``score_files`` reads their ``test.jsonl`` as the annotations
+(the kind's ``reference_file``), and their decoding budget comes from the data (``spec_for_data``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .binding import Binding, read_binding
-from .files import TaskData
+from .files import Example, TaskData
 from .fixtures import (
     write_binding,
     write_coco,
@@ -43,8 +45,10 @@ from .prompts import HATEFUL_TEMPLATE, TaskSpec, binding_spec, caption_spec, cla
 from .readers import (
     read_coco,
     read_coco_vqa,
+    read_custom_caption_references,
     read_custom_captions,
     read_custom_vqa,
+    read_custom_vqa_references,
     read_flickr30k,
     read_hateful_memes,
     read_imagenet,
@@ -52,7 +56,18 @@ from .readers import (
     read_vizwiz,
 )
 
-__all__ = ["Task", "TaskSpec", "register", "get_task", "get_task_spec", "task_names", "custom_kinds", "REGISTRY"]
+__all__ = [
+    "Task",
+    "TaskSpec",
+    "register",
+    "get_task",
+    "get_task_spec",
+    "spec_for_data",
+    "task_names",
+    "custom_kinds",
+    "REGISTRY",
+]
+CUSTOM_ANSWER_MARGIN = 2  # new tokens past the longest custom reference: <|endofchunk|> and one of slack
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,28 @@ def get_task_spec(task: str | Task, *, custom_kind: str | None = None, class_nam
     return spec
 
 
+def spec_for_data(task: str | Task, data: TaskData, tokenizer, *, custom_kind: str | None = None) -> TaskSpec:
+    """The spec for one loaded dataset: ``get_task_spec`` with the data's class names, and -- where the spec sets
+    ``answer_margin_tokens`` (custom caption / VQA) -- ``max_new_tokens`` = the longest reference answer of the
+    evaluated split (else of the demo pool) in ``tokenizer`` tokens, plus the margin. Without any reference answers
+    the spec's own ``max_new_tokens`` stays."""
+    spec = get_task_spec(task, custom_kind=custom_kind, class_names=data.class_names)
+    if spec.answer_margin_tokens is None:
+        return spec
+    longest = longest_answer_tokens(data.query, tokenizer) or longest_answer_tokens(data.support, tokenizer)
+    if not longest:
+        return spec
+    return replace(spec, max_new_tokens=longest + spec.answer_margin_tokens)
+
+
+def longest_answer_tokens(examples: list[Example], tokenizer) -> int:
+    """The token count of the longest (stripped) reference answer of ``examples``, as the demos show it; 0 if none."""
+    answers = list(dict.fromkeys(a.strip() for e in examples for a in e.answers))
+    if not answers:
+        return 0
+    return max(len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"])
+
+
 # ---------------------------------------------------------------------------------------------------- built-ins
 def _coco_vqa_layout(prefix: str) -> dict[str, str]:
     return {
@@ -244,8 +281,8 @@ for _task in (
     Task(
         name="custom",
         custom_kind="caption",
-        kind=Captioning(),
-        spec=caption_spec("custom"),
+        kind=Captioning(reference_file=read_custom_caption_references),
+        spec=caption_spec("custom", answer_margin_tokens=CUSTOM_ANSWER_MARGIN),
         layout=_CUSTOM_LAYOUT,
         read=read_custom_captions,
         write_fixture=write_custom,
@@ -253,8 +290,8 @@ for _task in (
     Task(
         name="custom",
         custom_kind="vqa",
-        kind=Vqa(),
-        spec=vqa_spec("custom"),
+        kind=Vqa(reference_file=read_custom_vqa_references),
+        spec=vqa_spec("custom", answer_margin_tokens=CUSTOM_ANSWER_MARGIN),
         layout=_CUSTOM_LAYOUT,
         read=read_custom_vqa,
         write_fixture=write_custom,  # the same folder: its records carry both the caption and the VQA fields

@@ -9,7 +9,13 @@ from flamingo_eval.metrics import cider, roc_auc, vqa_accuracy
 from flamingo_eval.metrics.cider import cider_scores
 from flamingo_eval.metrics.okvqa_stem import MANUAL_MATCHES, okvqa_stem
 from flamingo_eval.metrics.ptb_tokenizer import ptb_tokenize, ptb_tokenize_batch
-from flamingo_eval.metrics.vqa import normalize_digits_articles, normalize_punctuation, question_accuracy
+from flamingo_eval.metrics.vqa import (
+    normalize_digits_articles,
+    normalize_punctuation,
+    official_accuracy,
+    question_accuracy,
+    vqa_rule,
+)
 
 # ----------------------------------------------------------------------------------------------- PTB + CIDEr
 RANDOM_CAPTIONS = random_captions(1500, seed=0)
@@ -160,6 +166,41 @@ def test_vqa_accuracy_is_the_mean_over_questions_times_100_and_needs_every_predi
     assert vqa_accuracy({1: "yes", 2: "cat"}, answers) == pytest.approx(100 * (1.0 + 0.3) / 2)
     with pytest.raises(ValueError, match=r"no prediction for 1 question.*\[2\]"):
         vqa_accuracy({1: "yes"}, answers)
+
+
+# Custom data has fewer than ten answers: the leave-one-out formula would score every single-answer question 0.
+def test_vqa_single_answer_scores_100_when_right_and_0_when_wrong():
+    assert vqa_accuracy({1: "cat"}, {1: ["cat"]}) == 100.0
+    assert vqa_accuracy({1: "dog"}, {1: ["cat"]}) == 0.0
+    # The official normalisation still applies: case, articles, final period, number words.
+    assert vqa_accuracy({1: "The Cat.", 2: "Two"}, {1: ["cat"], 2: ["2"]}) == 100.0
+
+
+def test_vqa_fewer_than_ten_answers_is_exact_match_against_any_answer():
+    answers = ["red", "dark blue", "green"]
+    assert question_accuracy("dark blue", answers) == 1.0 and question_accuracy("green", answers) == 1.0
+    assert question_accuracy("blue", answers) == 0.0  # no partial credit and no vote counting
+    assert question_accuracy("yes", ["yes"] * 9) == 1.0  # nine agreeing answers: still exact match, not 2/3 or 1
+
+
+def test_vqa_ten_answers_keep_the_official_formula():
+    assert question_accuracy("cat", ["cat"] * 3 + ["dog"] * 7) == pytest.approx(0.9)  # 3 of 10
+    assert question_accuracy("cat", ["cat"] + ["dog"] * 9) == pytest.approx(0.3)  # 1 of 10
+    rng = random.Random(0)
+    for _ in range(200):
+        answers = [rng.choice(["cat", "Cat", "dog", "two", "2", "a cat"]) for _ in range(10)]
+        prediction = rng.choice(["cat", "dog", "2", "bird"])
+        assert question_accuracy(prediction, answers) == official_accuracy(prediction, answers)
+
+
+def test_vqa_rule_names_the_rule_that_scored_the_questions_with_counts():
+    ten, one = ["yes"] * 10, ["yes"]
+    assert vqa_rule({1: ten, 2: ten}) == {"vqa_rule": "official-10", "vqa_rule_counts": {"official-10": 2}}
+    assert vqa_rule({1: one}) == {"vqa_rule": "exact-match-any", "vqa_rule_counts": {"exact-match-any": 1}}
+    assert vqa_rule({1: ten, 2: one, 3: one}) == {
+        "vqa_rule": "mixed",
+        "vqa_rule_counts": {"official-10": 1, "exact-match-any": 2},
+    }
 
 
 def test_okvqa_stemming_uses_the_manual_table_then_ing_verbs_then_plurals():

@@ -67,7 +67,7 @@ def test_a_registered_task_is_loaded_scored_written_and_offered_by_generic_code(
     assert (len(data.support), len(data.query)) == (3, 4) and data.files["test"] == root / "toy" / "test.jsonl"
     records = [prediction_record("toy", e, e.answers[0] if i % 2 else "zzz") for i, e in enumerate(data.query)]
     assert records[0] == {"question_id": "test0", "answer": "zzz"}
-    assert score_records("toy", records, data.query) == {"accuracy": pytest.approx(50.0)}
+    assert score_records("toy", records, data.query)["accuracy"] == pytest.approx(50.0)
     # CLI: a --tasks choice, a per-key path flag, and a score --task choice (its kind scores VQA files).
     args = build_parser().parse_args(["run", "--model", "m", "--tasks", "toy", "--toy-test", "other.jsonl"])
     assert config_from_args(args).paths == {"toy": {"test": "other.jsonl"}}
@@ -93,9 +93,17 @@ def test_registering_a_name_twice_or_a_spec_that_contradicts_its_kind_is_refused
         Task(name="bad", kind=Captioning(), spec=vqa_spec("bad"), layout={}, read=_read_toy, write_fixture=_write_toy)
 
 
-def test_score_files_refuses_tasks_without_an_official_annotation_format():
+def test_score_files_refuses_tasks_without_an_annotation_format_and_custom_without_a_kind():
     with pytest.raises(ValueError, match="task must be one of coco, flickr30k, vqav2, okvqa, textvqa, vizwiz, hateful_memes,"):
+        score_files("imagenet", "p.json", "a.json")
+    with pytest.raises(ValueError, match=r"needs custom_kind \(--custom-kind\)"):
         score_files("custom", "p.json", "a.json")
+    # custom caption / VQA score their own test.jsonl; the CLI offers exactly those kinds.
+    assert build_parser().parse_args(["score", "--task", "custom", "--custom-kind", "vqa", "--predictions", "p",
+                                      "--annotations", "test.jsonl"]).custom_kind == "vqa"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--task", "custom", "--custom-kind", "binding", "--predictions", "p",
+                                   "--annotations", "a"])
 
 
 def _literals(path: Path) -> set[str]:

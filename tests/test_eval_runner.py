@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +21,13 @@ from models import build_tiny_model
 
 from flamingo.testing import random_images
 from flamingo_eval.classification import class_log_probs, class_log_probs_reference
-from flamingo_eval.cli import main
+from flamingo_eval.cli import build_parser, config_from_args, main
 from flamingo_eval.data import Example, default_layout, load_task_data
 from flamingo_eval.demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
 from flamingo_eval.results import ProgressLog, summarize
 from flamingo_eval.runner import EvalConfig, Evaluator, MediaCache, load_model
 from flamingo_eval.score import score_files
-from flamingo_eval.tasks import TASK_SPECS, get_task_spec
+from flamingo_eval.tasks import TASK_SPECS, get_task, get_task_spec
 from flamingo_eval.testing import write_fixture_data
 
 
@@ -280,6 +282,108 @@ def test_generation_follows_the_protocol_not_the_language_models_own_generation_
     assert tuned == plain
 
 
+def test_a_generation_that_uses_every_new_token_without_a_stop_is_truncated_and_warned_once(loaded, data_dir):
+    from flamingo_eval.generation import TRUNCATION_WARNING, count_truncated, generate_answers
+
+    model, processor = loaded
+    tokenizer = processor.tokenizer
+    eoc = model.config.end_of_chunk_token_id
+    word = tokenizer("red", add_special_tokens=False).input_ids[:1]
+    stop_word = tokenizer("red Question", add_special_tokens=False).input_ids  # cut by postprocess: not truncated
+    comma = tokenizer("red, blue", add_special_tokens=False).input_ids  # VQA cuts at ", ": not truncated either
+    width = max(len(stop_word), len(comma), 3)
+    rows = [word * width, word + [eoc] * (width - 1), stop_word + word * (width - len(stop_word)),
+            comma + word * (width - len(comma))]
+    new_tokens = torch.tensor(rows)
+
+    def scripted(input_ids, **kwargs):
+        return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)
+
+    query = load_task_data("vqav2", data_dir=data_dir).query[:4]
+    spec = dataclasses.replace(get_task_spec("vqav2"), max_new_tokens=width)
+    prompts = [spec.prompt([], q, zero_shot=False) for q in query]
+    model.generate = scripted
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            answers = generate_answers(model, tokenizer, prompts=prompts, media=None, spec=spec)
+            again = generate_answers(model, tokenizer, prompts=prompts, media=None, spec=spec)
+        # The same rows with budget to spare: they ended before max_new_tokens ran out.
+        roomy = generate_answers(model, tokenizer, prompts=prompts, media=None,
+                                 spec=dataclasses.replace(spec, max_new_tokens=width + 1))
+    finally:
+        del model.generate
+    assert [a["truncated"] for a in answers] == [True, False, False, False] and again == answers
+    assert [a["prediction"] for a in answers[2:]] == ["red", "red"]
+    assert sum(TRUNCATION_WARNING in str(w.message) for w in caught) == 1
+    assert not any(a["truncated"] for a in roomy)
+    assert count_truncated(answers + again) == 2 and count_truncated([{"prediction": 1}]) is None
+
+
+def test_custom_runs_report_truncations_and_the_vqa_rule_and_take_max_new_tokens_from_the_answers(loaded, tmp_path):
+    model, processor = loaded
+    tokenizer = processor.tokenizer
+    root = write_fixture_data(tmp_path / "data", tasks=("custom",), num_support=3, num_query=3)
+    test = root / "custom" / "test.jsonl"
+    records = [json.loads(line) for line in test.read_text().splitlines()]
+    records[0]["answers"] = ["the small red ball to the left of the big blue box"]  # one answer, many tokens
+    test.write_text("".join(json.dumps(r) + "\n" for r in records))
+    longest = max(len(tokenizer(a, add_special_tokens=False).input_ids) for r in records for a in r["answers"])
+    assert longest + 2 > get_task_spec("vqav2").max_new_tokens  # the data's budget differs from the default
+    filler = tokenizer("red", add_special_tokens=False).input_ids[0]
+    budgets = []
+
+    def never_stops(input_ids, *, max_new_tokens, **kwargs):
+        budgets.append(max_new_tokens)
+        return torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], max_new_tokens), filler)], dim=1)
+
+    model.generate = never_stops
+    trials = {}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            for max_new_tokens in (None, 3):  # the data's budget, then the user's
+                config = EvalConfig(model=None, tasks=["custom"], custom_kind="vqa", shots=[0, 1], data_dir=root,
+                                    batch_size=2, max_new_tokens=max_new_tokens,
+                                    output=tmp_path / f"{max_new_tokens}.json")
+                Evaluator(config, model=model, processor=processor).run()
+                trials[max_new_tokens] = json.loads(config.output.read_text())["trials"]
+    finally:
+        del model.generate
+    assert budgets == [longest + 2] * 4 + [3] * 4  # 2 batches x 2 shot counts per run
+    from flamingo_eval.generation import TRUNCATION_WARNING
+
+    assert sum(TRUNCATION_WARNING in str(w.message) for w in caught) == 1  # 8 truncated batches, one warning
+    for trial in trials[None] + trials[3]:
+        assert trial["truncated"] == trial["num_queries"] == 3
+        assert trial["vqa_rule"] == "mixed" and trial["vqa_rule_counts"] == {"exact-match-any": 1, "official-10": 2}
+
+
+def test_zero_shot_text_demos_flag_defaults_to_the_tasks_and_zero_leaves_the_query_alone(
+    loaded, data_dir, tmp_path, monkeypatch
+):
+    from flamingo_eval.kinds import Vqa
+
+    argv = ["run", "--model", "m", "--tasks", "vqav2"]
+    assert config_from_args(build_parser().parse_args(argv)).zero_shot_text_demos is None
+    assert config_from_args(build_parser().parse_args([*argv, "--zero-shot-text-demos", "0"])).zero_shot_text_demos == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--zero-shot-text-demos", "-1"])
+    model, processor = loaded
+    prompts = []
+    predict = Vqa.predict
+    monkeypatch.setattr(Vqa, "predict", lambda self, *a, **kw: prompts.append(kw["prompts"]) or predict(self, *a, **kw))
+    query = load_task_data("vqav2", data_dir=data_dir).query
+    for demos in (None, 0, 1):
+        config = EvalConfig(model=None, tasks=["vqav2"], shots=[0], data_dir=data_dir, batch_size=len(query),
+                            max_new_tokens=1, zero_shot_text_demos=demos, output=tmp_path / f"{demos}.json")
+        Evaluator(config, model=model, processor=processor).run()
+    default, off, one = prompts
+    assert all(p.count("<|endofchunk|>") == 2 and p.count("<image>") == 1 for p in default)  # OpenFlamingo's
+    assert off == [get_task_spec("vqav2").query_text(q) for q in query]  # no demo text at all
+    assert all(p.count("<|endofchunk|>") == 1 and p.count("<image>") == 1 for p in one)
+
+
 def test_media_cache_encodes_each_distinct_image_once_and_equals_fresh_encoding(loaded, data_dir):
     model, processor = loaded
     paths = [e.image for e in load_task_data("coco", data_dir=data_dir).support]
@@ -356,7 +460,8 @@ def test_every_task_runs_end_to_end_at_0_and_2_shots(model_dir, data_dir, tmp_pa
         assert len(records) == len(load_task_data(task, data_dir=data_dir).query)
         if task != "imagenet":  # the official-format file scores to the value the runner reported
             annotations, questions = _annotations(task, data_dir)
-            (score,) = score_files(task, preds / f"{task}-2shot-seed42{suffix}.json", annotations, questions).values()
+            scores = score_files(task, preds / f"{task}-2shot-seed42{suffix}.json", annotations, questions)
+            score = scores[get_task(task).kind.metric]
             assert score == pytest.approx(values[(task, 2, 42, rices)])
     for kind in ("caption", "vqa"):
         custom_out = tmp_path / f"custom-{kind}.json"

@@ -64,7 +64,11 @@ def test_vqa_score_is_the_mean_official_question_accuracy(task, annotation, ques
     path = write_predictions(task, records, tmp_path / "results.json")
     expected = 100 * sum(question_accuracy(r["answer"], e.answers) for r, e in zip(records, data.query)) / len(records)
     result = score_files(task, path, root / annotation, root / questions if questions else None)
-    assert result == {"accuracy": pytest.approx(expected, rel=1e-12)}
+    assert result == {
+        "accuracy": pytest.approx(expected, rel=1e-12),
+        "vqa_rule": "official-10",  # ten human answers per question, as released
+        "vqa_rule_counts": {"official-10": len(records)},
+    }
     assert 0 < result["accuracy"] < 100  # the guesses mix hits and misses, so the check is not vacuous
 
 
@@ -74,8 +78,8 @@ def test_okvqa_score_stems_predictions_and_vqav2_does_not(tmp_path):
     annotations = _write(tmp_path / "annotations.json", {"annotations": [
         {"question_id": q, "answers": [{"answer": a} for a in human]} for q, human in answers.items()]})
     results = _write(tmp_path / "results.json", [{"question_id": 1, "answer": "dogs"}, {"question_id": 2, "answer": "skiing"}])
-    assert score_files("okvqa", results, annotations, None) == {"accuracy": 100.0}
-    assert score_files("vqav2", results, annotations, None) == {"accuracy": 0.0}
+    assert score_files("okvqa", results, annotations, None)["accuracy"] == 100.0
+    assert score_files("vqav2", results, annotations, None)["accuracy"] == 0.0
 
 
 def test_okvqa_score_without_the_stemming_packages_is_a_one_line_error(tmp_path, monkeypatch, capsys):
@@ -170,6 +174,9 @@ def test_annotations_in_an_unknown_format_are_named(coco, tmp_path):
 def test_unscorable_task_is_named(tmp_path):
     with pytest.raises(ValueError, match="task must be one of"):
         score_files("imagenet", tmp_path / "a.json", tmp_path / "b.json", None)
+    refused = r"task must be one of .*custom \(custom_kind caption \| vqa\), got 'custom \(binding\)'"
+    with pytest.raises(ValueError, match=refused):
+        score_files("custom", tmp_path / "a.json", tmp_path / "b.json", custom_kind="binding")
 
 
 def test_predictions_with_non_ascii_text_are_written_under_a_c_locale(root, tmp_path):
@@ -199,8 +206,87 @@ def test_subset_scores_only_the_predicted_items_as_if_the_annotations_held_only_
         expected = {"cider": pytest.approx(reference_cider({r["image_id"]: r["caption"] for r in records}, refs), rel=1e-12)}
     else:
         accuracy = 100 * sum(question_accuracy(r["answer"], e.answers) for r, e in zip(records, kept)) / len(kept)
-        expected = {"accuracy": pytest.approx(accuracy, rel=1e-12)}
+        expected = {"accuracy": pytest.approx(accuracy, rel=1e-12), "vqa_rule": "official-10",
+                    "vqa_rule_counts": {"official-10": len(kept)}}
     assert score_files(task, path, root / annotation, None, subset=True) == expected
     with pytest.raises(ValueError, match="no prediction for"):
         score_files(task, path, root / annotation, None)
 
+
+
+# ----------------------------------------------------------------------------------------------- custom files
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _score_cli(capsys, *args):
+    from flamingo_eval.cli import main
+
+    code = main(["score", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if code == 0 else captured.err)
+
+
+def test_custom_vqa_test_jsonl_scores_through_the_cli_with_exact_match_below_ten_answers(tmp_path, capsys):
+    # The file `run --tasks custom --custom-kind vqa` reads: "answer" or "answers", ids default to the line index.
+    annotations = _jsonl(tmp_path / "test.jsonl", [
+        {"question_id": "q1", "image": "a.jpg", "question": "What colour?", "answer": "red"},
+        {"question_id": "q2", "image": "b.jpg", "question": "How many?", "answers": ["2", "3"]},
+        {"question_id": "q3", "image": "c.jpg", "question": "What animal?", "answer": "cat"},
+        {"question_id": "q4", "image": "d.jpg", "question": "Is it day?", "answers": ["yes"] * 10},
+    ])
+    predictions = _write(tmp_path / "custom-0shot-seed42.json", [
+        {"question_id": "q1", "answer": "Red"},  # right, after the official normalisation
+        {"question_id": "q2", "answer": "three"},  # matches the second answer
+        {"question_id": "q3", "answer": "dog"},  # wrong
+        {"question_id": "q4", "answer": "yes"},
+    ])
+    code, result = _score_cli(capsys, "--task", "custom", "--custom-kind", "vqa", "--predictions", predictions,
+                              "--annotations", annotations)
+    assert code == 0
+    counts = {"exact-match-any": 3, "official-10": 1}
+    assert result == {"accuracy": 75.0, "vqa_rule": "mixed", "vqa_rule_counts": counts}
+
+
+def test_custom_single_answer_file_scores_100_when_right_and_0_when_wrong(tmp_path, capsys):
+    annotations = _jsonl(tmp_path / "test.jsonl", [{"image": "a.jpg", "question": "What?", "answer": "a red ball"}])
+    for answer, expected in (("red ball", 100.0), ("blue ball", 0.0)):
+        predictions = _write(tmp_path / "p.json", [{"question_id": 0, "answer": answer}])  # id = the line index
+        code, result = _score_cli(capsys, "--task", "custom", "--custom-kind", "vqa", "--predictions", predictions,
+                                  "--annotations", annotations)
+        assert code == 0 and result["accuracy"] == expected and result["vqa_rule"] == "exact-match-any"
+
+
+@pytest.mark.parametrize("kind", ["caption", "vqa"])
+def test_custom_predictions_of_a_run_score_against_its_test_jsonl_as_in_the_runner(kind, root, tmp_path, capsys):
+    data = load_task_data("custom", data_dir=root, custom_kind=kind)
+    rng = random.Random(4)
+    records = [prediction_record("custom", e, _guess(e, rng), custom_kind=kind) for e in data.query]
+    path = write_predictions("custom", records, tmp_path / "custom-2shot-seed42.json")
+    code, result = _score_cli(capsys, "--task", "custom", "--custom-kind", kind, "--predictions", path,
+                              "--annotations", data.files["test_jsonl"])
+    assert code == 0
+    expected = score_records("custom", records, data.query, custom_kind=kind)  # what the runner reports
+    metric = "cider" if kind == "caption" else "accuracy"
+    assert result == {**expected, metric: pytest.approx(expected[metric], rel=1e-12)}
+    assert 0 < result[metric]  # the guesses hit some references, so the check is not vacuous
+    assert result == score_files("custom", path, data.files["test_jsonl"], custom_kind=kind)
+
+
+def test_custom_score_without_a_kind_or_with_a_questions_file_is_a_one_line_error(tmp_path, capsys):
+    annotations = _jsonl(tmp_path / "test.jsonl", [{"image": "a.jpg", "question": "What?", "answer": "red"}])
+    predictions = _write(tmp_path / "p.json", [{"question_id": 0, "answer": "red"}])
+    code, error = _score_cli(capsys, "--task", "custom", "--predictions", predictions, "--annotations", annotations)
+    assert code == 2 and "--custom-kind" in error
+    code, error = _score_cli(capsys, "--task", "custom", "--custom-kind", "vqa", "--predictions", predictions,
+                             "--annotations", annotations, "--questions", annotations)
+    assert code == 2 and "carry their questions" in error
+
+
+def test_custom_annotations_with_a_repeated_id_are_refused(tmp_path):
+    record = {"question_id": "q", "image": "a.jpg", "question": "What?", "answer": "red"}
+    annotations = _jsonl(tmp_path / "test.jsonl", [record, record])
+    predictions = _write(tmp_path / "p.json", [{"question_id": "q", "answer": "red"}])
+    with pytest.raises(ValueError, match="test.jsonl: id 'q' appears more than once"):
+        score_files("custom", predictions, annotations, custom_kind="vqa")

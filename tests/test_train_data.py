@@ -12,7 +12,7 @@ import torch
 
 from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from flamingo_train.data import DataConfig, PositionTracker, write_synthetic_dataset
-from flamingo_train.data.formats import BadRecord, Document
+from flamingo_train.data.formats import BadRecord, Document, parse_record
 from flamingo_train.data.samples import IGNORE_INDEX, SampleBuilder
 from flamingo_train.data.synthetic import COLOURS, SHAPES, caption
 from train_data_helpers import loader, png_bytes, rows, solid_image, take, tiny_processor, write_images, write_jsonl
@@ -608,3 +608,48 @@ def test_answer_labels_survive_truncation_and_reject_a_document_without_answers(
         builder.build(Document("", [("a", "just a caption")]))
     with pytest.raises(ValueError, match="labels must be one of"):
         DataConfig(name="d", path="x.jsonl", labels="answer")
+
+
+# ------------------------------------------------------------------------------------------------ separators
+def test_whitespace_after_a_chunks_endofchunk_is_kept_before_the_next_image(processor, tmp_path):
+    write_images(tmp_path, 2)
+    text = f"Intro.{MEDIA_TOKEN}a cat.{END_OF_CHUNK_TOKEN}\n{MEDIA_TOKEN}a dog.{END_OF_CHUNK_TOKEN}\n"
+    path = write_jsonl(tmp_path / "data.jsonl", [{"text": text, "images": ["img0.png", "img1.png"]}])
+    document = parse_record({"text": text, "images": ["a", "b"]}, "simple", None)
+    assert document.chunks == [("a", "a cat."), ("b", "a dog.")] and document.separators == ["\n", ""]
+    batch = take(loader(processor, path, batch_size=1), 1)[0]
+    eos = processor.tokenizer.eos_token
+    expected = processor(text=[text.rstrip() + eos], images=[[solid_image(0), solid_image(1)]])  # the last "\n" goes
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+
+
+def test_text_only_demos_before_the_first_image_keep_their_endofchunk_and_separator(processor):
+    prefix = f"Output:a cat.{END_OF_CHUNK_TOKEN}\nOutput:a dog.{END_OF_CHUNK_TOKEN}\n"
+    document = parse_record({"text": f"{prefix}{MEDIA_TOKEN}Output:a bus.", "images": ["a"]}, "simple", None)
+    assert document.prefix == prefix
+    builder = SampleBuilder(processor, max_tokens=256, max_images=5)
+    assert builder.layout(document) == f"{prefix}{MEDIA_TOKEN}Output:a bus.{END_OF_CHUNK_TOKEN}"
+
+
+def test_documents_without_a_separator_are_laid_out_as_before(processor):
+    text = (f"Intro. {MEDIA_TOKEN}a cat. {END_OF_CHUNK_TOKEN}{MEDIA_TOKEN}a dog.  \n"
+            f"{MEDIA_TOKEN}a bus.{END_OF_CHUNK_TOKEN}x")
+    document = parse_record({"text": text, "images": ["a", "b", "c"]}, "simple", None)
+    assert document.separators == ["", "", ""]
+    assert SampleBuilder(processor, max_tokens=256, max_images=5).layout(document) == (
+        f"Intro.{MEDIA_TOKEN}a cat.{END_OF_CHUNK_TOKEN}{MEDIA_TOKEN}a dog.{END_OF_CHUNK_TOKEN}"
+        f"{MEDIA_TOKEN}a bus.{END_OF_CHUNK_TOKEN}x{END_OF_CHUNK_TOKEN}")
+
+
+def test_last_answer_labels_train_only_the_last_chunks_answer_and_skip_the_separators(processor):
+    document = Document("", [("a", "Output:a cat"), ("b", "Output:a dog"), ("c", "Output:a bus")], ["\n", "\n", ""])
+    builder = SampleBuilder(processor, max_tokens=256, max_images=5, labels="last_answer", answer_markers=("Output:",))
+    sample = builder.build(document)
+    assert [t.strip() for t in _trained_text(processor, sample)] == [f"a bus{END_OF_CHUNK_TOKEN}"]
+    every = SampleBuilder(processor, max_tokens=256, max_images=5, labels="answers", answer_markers=("Output:",))
+    assert [t.strip() for t in _trained_text(processor, every.build(document))] == [
+        f"a {word}{END_OF_CHUNK_TOKEN}" for word in ("cat", "dog", "bus")]
+    with pytest.raises(BadRecord, match="no trainable token"):  # the query's answer cut: nothing left to train
+        SampleBuilder(processor, max_tokens=256, max_images=2, labels="last_answer",
+                      answer_markers=("Output:",)).build(document)
+    assert DataConfig(name="d", path="x.jsonl", labels="last_answer").labels == "last_answer"

@@ -1,11 +1,20 @@
 """Training checkpoints: ``accelerator.save_state`` (trainable weights, optimiser, scheduler, RNG of every process)
-plus ``trainer_state.json`` (step counters and every rank's data positions), written atomically.
+plus ``trainer_state.json`` (step counters and every rank's data positions), written atomically. Each checkpoint is
+also a model directory (``save_pretrained`` + processor, see export.py), so ``flamingo-eval run --model
+output_dir/checkpoints/step-00000100`` evaluates it as it is.
 
 Layout::
 
     output_dir/checkpoints/step-00000100/   complete (has trainer_state.json, renamed into place last)
+        config.json, model.safetensors, tokenizer/processor files   the model, as Flamingo.from_pretrained reads it
+        state/                                                      accelerate's save_state, for resuming
+        trainer_state.json
     output_dir/checkpoints/.tmp-step-00000200/   being written, or left by a killed run: ignored and cleared
     output_dir/checkpoints/.abandoned-step-00000300/   after a resume from an earlier step: kept, never resumed from
+
+accelerate's own weights file cannot double as the model's: under DDP its keys carry the wrapper's ``module.``
+prefix, and its file names are fixed, hence the ``state/`` folder. Checkpoints written before it existed (the
+accelerate files at the top level) still resume.
 
 Only the trainable weights go into a checkpoint (a save-state hook filters the model's state dict); the frozen
 backbones come from the model definition on resume, so a checkpoint of a 7B-LM Flamingo stays small. (FSDP and
@@ -23,9 +32,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
 from flamingo.io import atomic_write_text
+from flamingo_train.export import save_model_dir
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+ACCELERATE_STATE = "state"
 _COMPLETE = re.compile(r"^step-(\d{8})$")
 
 
@@ -89,10 +100,19 @@ def set_aside_later_checkpoints(output_dir: str | Path, step: int) -> list[Path]
 
 
 def save_checkpoint(
-    accelerator: Accelerator, *, output_dir: str | Path, step: int, state: dict, rank_state: dict, keep_last: int
+    accelerator: Accelerator,
+    *,
+    model,
+    processor,
+    output_dir: str | Path,
+    step: int,
+    state: dict,
+    rank_state: dict,
+    keep_last: int,
 ) -> Path:
     """Collective: every process must call it. ``state`` is shared (from the main process), ``rank_state`` is this
-    process's own (data positions, skip counts); all ranks' go into ``trainer_state.json`` as ``ranks[i]``."""
+    process's own (data positions, skip counts); all ranks' go into ``trainer_state.json`` as ``ranks[i]``.
+    ``model`` (as prepared by accelerate) and ``processor`` are also saved as a model directory (see the layout)."""
     root = Path(output_dir) / CHECKPOINTS
     final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
     if accelerator.is_main_process:
@@ -100,7 +120,8 @@ def save_checkpoint(
             shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp / ACCELERATE_STATE))
+    save_model_dir(accelerator, model, processor, tmp, save_backbones=False)
     ranks = gather_object([rank_state])
     accelerator.wait_for_everyone()  # every process has written its RNG state into tmp
     if accelerator.is_main_process:
@@ -127,5 +148,6 @@ def load_checkpoint(accelerator: Accelerator, path: str | Path) -> tuple[dict, d
     # strict=False: the checkpoint holds only the trainable weights; the frozen backbones are already loaded.
     # DeepSpeed saved the whole model in its own format, and its load_checkpoint takes no `strict` argument.
     strict = {} if accelerator.distributed_type == DistributedType.DEEPSPEED else {"strict": False}
-    accelerator.load_state(str(path), **strict)
+    saved = path / ACCELERATE_STATE if (path / ACCELERATE_STATE).is_dir() else path  # older checkpoints: top level
+    accelerator.load_state(str(saved), **strict)
     return state, state["ranks"][accelerator.process_index]

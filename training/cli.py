@@ -1,9 +1,11 @@
-"""``flamingo-train``: read a YAML config, apply command-line overrides, train.
+"""``flamingo-train``: read a YAML config, apply command-line overrides, train; or plot a run's metrics.
 
 Usage::
 
     flamingo-train --config training/configs/tiny_cpu.yaml [section.field=value ...] [--resume auto] [--strict]
     accelerate launch --config_file training/configs/accelerate/multi_gpu.yaml -m flamingo_train --config X.yaml
+    flamingo-train plot runs/tiny_cpu/metrics.jsonl [-o curves.png]     # loss and eval curves (default metrics.png)
+    flamingo-train convert-task --task custom --custom-kind vqa --data-dir DIR --shots 0,4 --output train.jsonl
 
 Overrides are parsed as YAML values: ``run.max_steps=200 optim.lr=3e-4 data.0.batch_size=4 data.laion.loss_weight=0.2``.
 """
@@ -12,22 +14,56 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 from flamingo_train.config import load_config
+
+PLOT = "plot"
+CONVERT_TASK = "convert-task"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="flamingo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", required=True, help="YAML file with model, data, optim, schedule, run sections")
+    parser.add_argument(
+        "--config", required=True, help="YAML file with model, data, optim, schedule, run (and eval) sections"
+    )
     parser.add_argument("overrides", nargs="*", help="section.field=value (YAML value), applied after the file")
     parser.add_argument("--resume", default=None, help="'auto' (latest complete checkpoint), a checkpoint, or 'none'")
     parser.add_argument("--strict", action="store_true", help="raise on the first bad record instead of skipping it")
     return parser.parse_intermixed_args(argv)
 
 
+def plot_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flamingo-train plot", description="Draw a run's training loss and in-loop eval scores into a PNG."
+    )
+    parser.add_argument("metrics", type=Path, help="a run's metrics.jsonl")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="PNG to write (default: metrics.png beside it)")
+    return parser
+
+
+def plot_main(argv: list[str]) -> None:
+    parser = plot_parser()
+    args = parser.parse_args(argv)
+    from flamingo_train.plot import plot_metrics
+
+    try:
+        print(plot_metrics(args.metrics, args.output))
+    except ValueError as error:  # no such file, nothing to plot, matplotlib missing: one line, exit code 2
+        parser.error(str(error))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [PLOT]:  # a subcommand beside the flag-driven training run, which keeps its usage
+        return plot_main(argv[1:])
+    if argv[:1] == [CONVERT_TASK]:  # task data -> training records laid out as the evaluation's prompts
+        from flamingo_train.task_data import main as convert_task
+
+        sys.exit(convert_task(argv[1:], prog="flamingo-train convert-task"))
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.resume is not None:

@@ -1,4 +1,5 @@
-"""The training config: a YAML file of sections (model, data, optim, schedule, run) plus ``key.sub=value`` overrides.
+"""The training config: a YAML file of sections (model, data, optim, schedule, run, and the optional eval) plus
+``key.sub=value`` overrides.
 
 Example::
 
@@ -88,18 +89,57 @@ class RunConfig:
 
 
 @dataclass
+class InLoopEvalConfig:
+    """Few-shot evaluation of the model being trained, with flamingo-eval's tasks (``flamingo_eval.tasks``), before
+    the first step, every ``every`` optimiser steps and after the last one (``every: 0``: only after the last). See in_loop_eval.py.
+
+    Example (YAML)::
+
+        eval:
+          every: 200
+          tasks: [custom]
+          custom_kind: vqa          # what a ``custom`` task holds: caption | vqa | binding
+          data_dir: data/my-vqa     # flamingo-eval's --data-dir layout
+          shots: [0]
+          num_samples: 64           # a seeded random subset of the queries; null: all of them
+          batch_size: 8
+          keep_best: true           # export output_dir/best/ at the best score of ``best_metric``
+
+    Each score is logged as ``eval/<task>/<shots>shot`` (``custom`` is ``custom_<kind>``), e.g.
+    ``eval/custom_vqa/0shot``, in the task's metric (VQA accuracy, CIDEr, ROC AUC; higher is better).
+    """
+
+    every: int = 0
+    tasks: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+    custom_kind: str | None = None
+    shots: list[int] = field(default_factory=lambda: [0])
+    seed: int = 42  # draws the query subset and the demos, the same at every evaluation
+    num_samples: int | None = 64
+    batch_size: int = 8
+    # None: the task's own setting (as `flamingo-eval run`), so the scores match an evaluation of the export.
+    num_beams: int | None = None
+    max_new_tokens: int | None = None
+    demo_separator: str | None = None
+    keep_best: bool = False
+    best_metric: str | None = None  # a metric key; None: the first task's first shot count
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig
     data: list[DataConfig]
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: InLoopEvalConfig | None = None  # no section: no evaluation during training
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "run": RunConfig}
+OPTIONAL_SECTIONS = {"eval": InLoopEvalConfig}  # absent: None
 
 
 def load_config(path: str | Path, *, overrides: list[str] = ()) -> TrainConfig:
@@ -112,7 +152,7 @@ def load_config(path: str | Path, *, overrides: list[str] = ()) -> TrainConfig:
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a mapping of sections (model, data, optim, schedule, run).")
+        raise ValueError(f"{path} must hold a mapping of sections (model, data, optim, schedule, run, eval).")
     for override in overrides:
         apply_override(raw, override, where=str(path))
     return config_from_dict(raw, where=str(path))
@@ -151,15 +191,17 @@ def _list_item(items: list, part: str, key: str) -> dict:
 
 
 def config_from_dict(raw: dict, *, where: str = "config") -> TrainConfig:
-    unknown = sorted(set(raw) - set(SECTIONS) - {"data"})
+    unknown = sorted(set(raw) - set(SECTIONS) - set(OPTIONAL_SECTIONS) - {"data"})
     if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; expected model, data, optim, schedule, run.")
+        raise ValueError(f"{where}: unknown section(s) {unknown}; expected model, data, optim, schedule, run, eval.")
     if "model" not in raw or "data" not in raw:
         raise ValueError(f"{where}: the sections 'model' and 'data' are required.")
     data = raw["data"]
     if not isinstance(data, list) or not data:
         raise ValueError(f"{where}: 'data' must be a non-empty list of datasets.")
     sections = {name: _build(cls, raw.get(name) or {}, f"{where}: {name}") for name, cls in SECTIONS.items()}
+    for name, cls in OPTIONAL_SECTIONS.items():
+        sections[name] = None if raw.get(name) is None else _build(cls, raw[name], f"{where}: {name}")
     datasets = [_build(DataConfig, entry, f"{where}: data[{i}]") for i, entry in enumerate(data)]
     config = TrainConfig(data=datasets, **sections)
     validate(config, where=where)
@@ -250,3 +292,51 @@ def validate(config: TrainConfig, *, where: str = "config") -> None:
     for d in config.data:
         if d.batch_size < 1 or d.loss_weight < 0:
             raise ValueError(f"{where}: data {d.name!r} needs batch_size >= 1 and loss_weight >= 0.")
+    if config.eval is not None:
+        validate_eval(config.eval, where=where)
+
+
+def validate_eval(config: InLoopEvalConfig, *, where: str = "config") -> None:
+    """The eval section, checked at load time, so that a typo fails before a model loads, not at the first eval."""
+    from flamingo_eval.tasks import custom_kinds, task_names  # the task registry only; loads no model
+
+    if not config.tasks:
+        raise ValueError(f"{where}: eval.tasks must name at least one task of {list(task_names())}.")
+    for task in config.tasks:
+        if task not in task_names():
+            raise ValueError(f"{where}: eval.tasks: unknown task {task!r}; expected some of {list(task_names())}.")
+        kinds = custom_kinds(task)
+        if kinds and config.custom_kind not in kinds:
+            raise ValueError(f"{where}: eval.custom_kind must be one of {list(kinds)} for task {task!r}, got "
+                             f"{config.custom_kind!r}.")
+    if len(set(config.tasks)) != len(config.tasks):
+        raise ValueError(f"{where}: eval.tasks lists a task twice: {config.tasks}.")
+    if config.every < 0:
+        raise ValueError(f"{where}: eval.every must be >= 0 (0: only after the last step), got {config.every}.")
+    if not config.shots or any(k < 0 for k in config.shots) or len(set(config.shots)) != len(config.shots):
+        raise ValueError(f"{where}: eval.shots must be distinct numbers >= 0, got {config.shots}.")
+    for name in ("num_samples", "batch_size", "num_beams", "max_new_tokens"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{where}: eval.{name} must be >= 1, got {value}.")
+    if config.data_dir is None:
+        raise ValueError(f"{where}: eval.data_dir is required (a folder in flamingo-eval's --data-dir layout).")
+    if not Path(config.data_dir).is_dir():
+        raise ValueError(f"{where}: eval.data_dir {config.data_dir}: directory not found.")
+    keys = eval_metric_keys(config)
+    if config.best_metric is not None and config.best_metric not in keys:
+        raise ValueError(f"{where}: eval.best_metric must be one of {keys}, got {config.best_metric!r}.")
+
+
+def eval_metric_key(task: str, shots: int, *, custom_kind: str | None = None) -> str:
+    """The name of one in-loop score in metrics.jsonl and the trackers: ``eval/<task>/<shots>shot``, where a task
+    registered per custom_kind is ``<task>_<kind>`` (``eval/custom_vqa/0shot``)."""
+    from flamingo_eval.tasks import custom_kinds
+
+    label = f"{task}_{custom_kind}" if custom_kinds(task) else task
+    return f"eval/{label}/{shots}shot"
+
+
+def eval_metric_keys(config: InLoopEvalConfig) -> list[str]:
+    """Every score one evaluation logs, in order (tasks, then shots); the first is the default ``best_metric``."""
+    return [eval_metric_key(t, k, custom_kind=config.custom_kind) for t in config.tasks for k in config.shots]

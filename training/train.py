@@ -20,8 +20,15 @@ global batch, and grad accumulation equals a bigger batch.
 
 Writes into ``run.output_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoints/step-N/`` every
 ``save_every`` steps (see checkpoint.py; ``--resume auto`` continues from the latest), and at the end ``final/``
-(trainable weights + processor). ``final/`` refers to the same backbones as the input model: a self-contained
-``pretrained`` dir's backbones by absolute path into that dir; ``run.export_backbones: true`` copies them instead.
+(trainable weights + processor) and ``metrics.png`` (plot.py). ``final/`` refers to the same backbones as the input
+model: a self-contained ``pretrained`` dir's backbones by absolute path into that dir; ``run.export_backbones: true``
+copies them instead. ``final/``, ``best/`` and every checkpoint are model directories: ``flamingo-eval run --model
+DIR`` takes each of them.
+
+With an ``eval`` section (in_loop_eval.py), flamingo-eval's tasks score the model before the first step (a fresh run
+with ``eval.every > 0``), every ``eval.every`` steps and after the last: one more ``metrics.jsonl`` line per evaluation, ``{"step": 200, "eval/custom_vqa/0shot": 71.3,
+"eval/seconds": 9.1}``, the same values to the trackers and the progress bar, results in ``eval/step-N.json``, and with
+``eval.keep_best`` the best model so far in ``best/`` (its ``best.json`` gives step, metric and score).
 """
 
 from __future__ import annotations
@@ -54,11 +61,15 @@ from flamingo.configuration import DTYPES
 from flamingo.micro.shipped import resolve_model_path
 from flamingo_train.config import ModelConfig, TrainConfig
 from flamingo_train.data.loader import PositionTracker, build_dataloader
+from flamingo_train.export import replace_model_dir
+from flamingo_train.in_loop_eval import InLoopEval, check_eval_data, check_supported
 from flamingo_train.optim import build_optimizer, build_scheduler
+from flamingo_train.plot import plot_metrics
 
 logger = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+PLOT = "metrics.png"
 FINAL = "final"
 
 
@@ -123,6 +134,11 @@ def train(config: TrainConfig) -> TrainResult:
     )
     set_seed(run.seed)  # identical fresh Flamingo weights on every process
     world, names = accelerator.num_processes, [d.name for d in config.data]
+    in_loop_eval = None
+    if config.eval is not None:  # its data is read before the model loads: a bad file fails in seconds
+        check_supported(accelerator)
+        check_eval_data(config.eval)
+        in_loop_eval = InLoopEval(config.eval, output_dir=output_dir, save_backbones=run.export_backbones)
 
     # ---- model and optimiser
     model, processor = load_model(config.model)
@@ -144,6 +160,8 @@ def train(config: TrainConfig) -> TrainResult:
     if resume_from is not None:
         state, mine = load_checkpoint(accelerator, resume_from)
         step, skipped_steps = state["step"], state["skipped_steps"]
+        if in_loop_eval is not None:
+            in_loop_eval.load_state_dict(state.get("eval", {}))
         for name in names:
             if name not in mine["positions"]:  # a dataset added to the mixture since the checkpoint
                 accelerator.print(f"data {name!r} is not in {resume_from}; it starts from its beginning")
@@ -177,6 +195,7 @@ def train(config: TrainConfig) -> TrainResult:
     weights = torch.tensor([d.loss_weight for d in config.data], device=accelerator.device)
     window = _Window(len(names), accelerator.device)
     bar = tqdm(total=run.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    postfix = {}  # the latest loss and eval scores, shown together
     no_sync_allowed = accelerator.distributed_type != DistributedType.DEEPSPEED  # ZeRO>=2 forbids no_sync
     if run.export_backbones and accelerator.distributed_type == DistributedType.FSDP:
         # The sharded backbones cannot be written by one process; they are unchanged, so refer to them instead.
@@ -184,6 +203,15 @@ def train(config: TrainConfig) -> TrainResult:
     if not no_sync_allowed and run.grad_accum_steps > 1:
         # DeepSpeed steps inside accelerator.backward; our per-step token normalisation needs one backward per step.
         raise ValueError("run.grad_accum_steps > 1 is not supported with DeepSpeed; raise data batch_size instead.")
+
+    def evaluate(at_step: int) -> None:
+        scores = in_loop_eval.run(accelerator, model, processor, step=at_step)
+        log_metrics(accelerator, output_dir, {"step": at_step, **scores})
+        postfix.update({k: f"{v:.2f}" for k, v in scores.items() if k in in_loop_eval.keys})
+        bar.set_postfix(postfix)
+
+    if in_loop_eval is not None and step == 0 and config.eval.every > 0:
+        evaluate(0)  # the starting point of the eval curve: the model before any step
     while step < run.max_steps:
         # Every micro-batch of this step, from every dataset, so the label-token counts are known before backward.
         micro_batches = []
@@ -244,22 +272,26 @@ def train(config: TrainConfig) -> TrainResult:
             for name, counter in zip(names, _sum_counters(per_rank, names)):
                 for reason, count in counter.items():
                     metrics[f"skipped/{name}/{reason}"] = count
-            if accelerator.is_main_process:
-                accelerator.log(metrics, step=step)
-                with open(output_dir / METRICS, "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(
+            log_metrics(accelerator, output_dir, metrics)
+            postfix.update(
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                 tok_s=f"{metrics['tokens_per_s']:.0f}", img_s=f"{metrics['images_per_s']:.1f}",
             )
+            bar.set_postfix(postfix)
         bar.update(1)
+
+        # Before the checkpoint, so that a checkpoint at this step includes this evaluation's best score.
+        if in_loop_eval is not None and in_loop_eval.due(step, run.max_steps):
+            evaluate(step)
 
         if run.save_every and (step % run.save_every == 0 or step == run.max_steps):
             save_checkpoint(
                 accelerator,
+                model=model,
+                processor=processor,
                 output_dir=output_dir,
                 step=step,
-                state={"skipped_steps": skipped_steps},
+                state={"skipped_steps": skipped_steps, "eval": in_loop_eval.state_dict() if in_loop_eval else {}},
                 rank_state={
                     "positions": {n: t.state_dict() for n, t in trackers_by_name.items()},
                     "skipped": {n: dict(c) for n, c in skipped.items()},
@@ -272,15 +304,28 @@ def train(config: TrainConfig) -> TrainResult:
 
     # ---- export: trainable weights + references to the backbones (or copies), and the processor
     final = output_dir / FINAL
-    accelerator.wait_for_everyone()
-    # Collective: under FSDP (or ZeRO-3) the weights are sharded, so the main process saves the gathered copy.
-    gathered = None if run.export_backbones else accelerator.get_state_dict(model)
+    replace_model_dir(accelerator, model, processor, final, save_backbones=run.export_backbones)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(final, save_backbones=run.export_backbones, state_dict=gathered)
-        processor.save_pretrained(final)
         atomic_write_text(output_dir / "train_config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        plot_run(output_dir)
     accelerator.end_training()
     return TrainResult(final_dir=final, model=accelerator.unwrap_model(model))
+
+
+def log_metrics(accelerator: Accelerator, output_dir: Path, metrics: dict) -> None:
+    """One line of metrics.jsonl, and the same values to the trackers (main process only)."""
+    if accelerator.is_main_process:
+        accelerator.log(metrics, step=metrics["step"])
+        with open(output_dir / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def plot_run(output_dir: Path) -> None:
+    """``output_dir/metrics.png``; a run that trained must not fail over its picture, so a problem is a warning."""
+    try:
+        plot_metrics(output_dir / METRICS, output_dir / PLOT)
+    except ValueError as error:  # matplotlib missing, or nothing logged (a resume at max_steps)
+        logger.warning("no %s: %s", PLOT, error)
 
 
 class _Window:

@@ -12,6 +12,18 @@ Per question (quirks kept on purpose, so our numbers compare with published ones
 
 ``vqa_accuracy`` is the mean over questions, x100. For OK-VQA, ``stem=True`` first stems the prediction the way
 OpenFlamingo does (``okvqa_stem``; the OK-VQA v1.1 answers are already stemmed).
+
+Fewer than ten answers (custom data): the leave-one-out formula assumes ten human answers -- with one answer every
+subset is empty and a right prediction scores 0. So ``question_accuracy`` picks a rule per question
+(``accuracy_rule``):
+
+    "official-10"      ten (or more) answers: the official formula above, unchanged.
+    "exact-match-any"  one to nine answers: 1.0 if the prediction equals ANY answer after the official normalisation
+                       (steps 1 and 2, applied always: the official skip for identical answers exists only for
+                       the formula's sake), else 0.0.
+
+``vqa_rule(answers)`` names the rule a scored set used -- one of the two, or "mixed" -- with per-rule counts; the
+scorers report it beside the accuracy (``"vqa_rule"``, ``"vqa_rule_counts"``).
 """
 
 from __future__ import annotations
@@ -96,8 +108,21 @@ def _clean(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def question_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """One question's score in [0, 1]: the mean over leave-one-out subsets of ``min(1, matches / 3)``."""
+OFFICIAL_RULE = "official-10"
+EXACT_MATCH_RULE = "exact-match-any"
+MIXED_RULE = "mixed"
+OFFICIAL_ANSWER_COUNT = 10  # VQAv2, OK-VQA, TextVQA and VizWiz all collect ten human answers per question
+
+
+def accuracy_rule(answers: Sequence[str]) -> str:
+    """The rule that scores a question with these human answers: "official-10" (ten or more) or "exact-match-any"."""
+    if not answers:
+        raise ValueError("question_accuracy needs at least one human answer")
+    return OFFICIAL_RULE if len(answers) >= OFFICIAL_ANSWER_COUNT else EXACT_MATCH_RULE
+
+
+def official_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The official score in [0, 1]: the mean over leave-one-out subsets of ``min(1, matches / 3)``."""
     if not answers:
         raise ValueError("question_accuracy needs at least one human answer")
     prediction = _clean(prediction)
@@ -113,11 +138,39 @@ def question_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(scores) / len(scores)
 
 
+def exact_match_any(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised answer, else 0.0 (the rule below ten answers)."""
+    if not answers:
+        raise ValueError("question_accuracy needs at least one human answer")
+    prediction = normalize_answer(_clean(prediction))
+    return 1.0 if any(normalize_answer(_clean(a)) == prediction for a in answers) else 0.0
+
+
+def question_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """One question's score in [0, 1], by ``accuracy_rule(answers)``: the official formula for ten answers, exact
+    match against any answer for fewer (see the module docstring)."""
+    if accuracy_rule(answers) == OFFICIAL_RULE:
+        return official_accuracy(prediction, answers)
+    return exact_match_any(prediction, answers)
+
+
+def vqa_rule(answers: Mapping) -> dict:
+    """Which rule scored the questions of ``answers`` (question_id -> human answers):
+    ``{"vqa_rule": "official-10" | "exact-match-any" | "mixed", "vqa_rule_counts": {rule: questions}}``."""
+    counts: dict[str, int] = {}
+    for human in answers.values():
+        rule = accuracy_rule(list(human))
+        counts[rule] = counts.get(rule, 0) + 1
+    name = next(iter(counts)) if len(counts) == 1 else MIXED_RULE
+    return {"vqa_rule": name, "vqa_rule_counts": counts}
+
+
 def vqa_accuracy(predictions: Mapping, answers: Mapping, *, stem: bool = False) -> float:
     """Mean VQA accuracy over the questions of ``answers`` (question_id -> human answers), x100.
 
     ``predictions`` maps question_id -> predicted answer and must cover every question of ``answers``.
-    ``stem=True`` stems each prediction first (OK-VQA, see ``okvqa_stem``).
+    ``stem=True`` stems each prediction first (OK-VQA, see ``okvqa_stem``). Each question is scored by
+    ``question_accuracy`` (official formula with ten answers, exact match with fewer); ``vqa_rule`` reports which.
     """
     if not answers:
         raise ValueError("vqa_accuracy: no questions to score")

@@ -6,6 +6,9 @@
 * :mod:`.sources`: reading files through ``datasets`` (and tar shards).
 * :mod:`.loader` ``build_dataloader`` / ``PositionTracker``: endless, sharded, resumable batches.
 * :mod:`.synthetic` ``write_synthetic_dataset``: a small learnable dataset in every format.
+
+Task data (an evaluation task's examples laid out as its few-shot prompts, with their answers) is written in the
+simple format by :mod:`flamingo_train.task_data`.
 """
 
 from .config import DataConfig

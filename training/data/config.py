@@ -9,7 +9,7 @@ from typing import Any
 
 FORMATS = ("simple", "obelics", "pairs", "webdataset")
 SPLIT_BY = ("auto", "records", "shards")
-LABELS = ("all", "answers")
+LABELS = ("all", "answers", "last_answer")
 
 
 @dataclass
@@ -31,7 +31,9 @@ class DataConfig:
     mask_text_before_first_image: bool = True
     # "all": every text token after the first image is trained (pretraining). "answers": only each chunk's answer,
     # the text after the last of ``answer_markers`` in it, and its <|endofchunk|> (task data: captions, VQA,
-    # binding); a chunk without a marker is context only. See flamingo_train.data.samples.
+    # binding); a chunk without a marker is context only. "last_answer": only the last chunk's answer, the query of
+    # a task record (flamingo_train.task_data writes these; its demos are context, as at evaluation).
+    # See flamingo_train.data.samples.
     labels: str = "all"
     answer_markers: list[str] = dataclasses.field(
         default_factory=lambda: ["Output:", "Short answer:", "Answer:", "This is a"])
@@ -62,8 +64,8 @@ class DataConfig:
                 raise ValueError(f"{where}: {field} must be >= {least}, got {getattr(self, field)}.")
         if self.labels not in LABELS:
             raise ValueError(f"{where}: labels must be one of {LABELS}, got {self.labels!r}.")
-        if self.labels == "answers" and not any(self.answer_markers):
-            raise ValueError(f"{where}: labels 'answers' needs at least one non-empty answer_markers entry.")
+        if self.labels != "all" and not any(self.answer_markers):
+            raise ValueError(f"{where}: labels {self.labels!r} needs at least one non-empty answer_markers entry.")
         if self.split_by not in SPLIT_BY:
             raise ValueError(f"{where}: split_by must be one of {SPLIT_BY}, got {self.split_by!r}.")
         if self.loss_weight < 0:

@@ -19,6 +19,15 @@ sample, either by field (``"0.jpg"`` for the member ``KEY.0.jpg``) or by full me
 
 A ``<|endofchunk|>`` that a record already puts at the end of a chunk is dropped here: the layout
 (:mod:`flamingo_train.data.samples`) adds exactly one per image.
+
+Separators (``simple`` only): whitespace that a record puts after a chunk's closing ``<|endofchunk|>``, before the
+next ``<image>``, is kept as that chunk's ``separator`` and laid out after the ``<|endofchunk|>`` again: the evaluation
+joins its demos with ``"\n"`` (``TaskSpec.demo_separator``), and a task record written by
+:mod:`flamingo_train.task_data` must tokenize as the evaluation prompt does. Likewise text before the first image
+that ends in ``<|endofchunk|>`` (+ whitespace) keeps both, since the layout adds nothing to it (0-shot prompts open
+with text-only demos). Without such an ``<|endofchunk|>`` trailing whitespace is trimmed as before, and the text after
+the last chunk never outlives it (eos follows). A ``simple`` record that closes every chunk itself is thus laid out
+exactly as written.
 """
 
 from __future__ import annotations
@@ -43,14 +52,22 @@ class BadRecord(Exception):
 
 @dataclass
 class Document:
-    """``prefix`` text, then for each image the text that follows it. Images are still undecoded references."""
+    """``prefix`` text, then for each image the text that follows it. Images are still undecoded references.
+
+    ``separators[k]`` is the text laid out after chunk ``k``'s ``<|endofchunk|>`` (see the module docstring); a
+    missing entry is "" (no separator), so ``Document(prefix, chunks)`` is a document without any.
+    """
 
     prefix: str = ""
     chunks: list[tuple[Any, str]] = field(default_factory=list)
+    separators: list[str] = field(default_factory=list)
 
     @property
     def images(self) -> list[Any]:
         return [image for image, _ in self.chunks]
+
+    def separator(self, k: int) -> str:
+        return self.separators[k] if k < len(self.separators) else ""
 
 
 def _clean(text: str) -> str:
@@ -58,6 +75,12 @@ def _clean(text: str) -> str:
     while text.endswith(END_OF_CHUNK_TOKEN):
         text = text[: -len(END_OF_CHUNK_TOKEN)].rstrip()
     return text
+
+
+def _separator(text: str) -> str:
+    """The whitespace after ``text``'s closing ``<|endofchunk|>`` ("" when it does not end with one)."""
+    body = text.rstrip()
+    return text[len(body):] if body.endswith(END_OF_CHUNK_TOKEN) else ""
 
 
 def _require(record: dict, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -91,7 +114,13 @@ def parse_simple(record: dict, root: Path | None) -> Document:
     pieces = text.split(MEDIA_TOKEN)
     if len(pieces) - 1 != len(images):
         raise BadRecord("image_count_mismatch", f"has {len(pieces) - 1} {MEDIA_TOKEN} token(s) but {len(images)} image(s)")
-    return Document(_clean(pieces[0]), [(_image_ref(im, root), _clean(t)) for im, t in zip(images, pieces[1:])])
+    prefix = pieces[0]
+    # The layout adds no <|endofchunk|> to the prefix: text-only demos (a 0-shot prompt) keep theirs and the separator.
+    if not (images and prefix.rstrip().endswith(END_OF_CHUNK_TOKEN)):
+        prefix = _clean(prefix)
+    chunks = [(_image_ref(im, root), _clean(t)) for im, t in zip(images, pieces[1:])]
+    separators = [_separator(t) for t in pieces[1:-1]] + [""] if chunks else []  # the last chunk is followed by eos
+    return Document(prefix, chunks, separators)
 
 
 def parse_obelics(record: dict, root: Path | None) -> Document:

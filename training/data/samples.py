@@ -2,11 +2,15 @@
 
 Layout (OpenFlamingo's)::
 
-    [bos] prefix <image>text 1<|endofchunk|><image>text 2<|endofchunk|> ... [eos]
+    [bos] prefix <image>text 1<|endofchunk|>[separator 1]<image>text 2<|endofchunk|> ... [eos]
 
 * bos is added when the tokenizer adds one itself (Llama-style); eos always ends a complete document.
 * Each image's text chunk ends with ``<|endofchunk|>``; the text before the first image (``prefix``) does not.
   An image-text pair is therefore ``[bos]<image>{caption}<|endofchunk|>{eos}``.
+* A chunk's separator (``Document.separators``: the whitespace a ``simple`` record puts after its
+  ``<|endofchunk|>``, such as the evaluation's ``"\n"`` between demos) follows its ``<|endofchunk|>``; most
+  documents have none. So a task record (:mod:`flamingo_train.task_data`) is tokenized as ``[bos]`` + the
+  evaluation prompt + its answer + ``<|endofchunk|>`` + eos, the same ids the evaluation gives its prompt.
 
 Truncation (in this order, on token ids):
 
@@ -29,9 +33,16 @@ Labels (``-100`` is ignored by the loss):
 Answer-only labels (``labels="answers"``, for task data such as captions, VQA and binding episodes): in each chunk
 only the answer is trained, i.e. the text after the last of the ``answer_markers`` in that chunk (by default the
 evaluation templates' ``Output:``, ``Short answer:``, ``Answer:`` and ``This is a``), and its ``<|endofchunk|>``.
-The question, a chunk without a marker, the prefix and eos are context only. Token and character positions are
-matched through the tokenizer's offsets, so an answer is the same tokens it is in the whole text (a fast tokenizer
-is needed).
+The question, a chunk without a marker, the prefix, separators and eos are context only. Token and character
+positions are matched through the tokenizer's offsets, so an answer is the same tokens it is in the whole text (a
+fast tokenizer is needed).
+
+Query-only labels (``labels="last_answer"``, the default that :mod:`flamingo_train.task_data` writes for its
+records): the same rule applied to the document's last chunk alone. A task record is one evaluation prompt (demos,
+then the query) with the query's answer, so only the answer the evaluation scores is trained; the demos' answers are
+context, as they are at evaluation (training them too would weight each example by how often it is drawn as a demo,
+and teach 1..k-shot answers that no prompt of the record's shot count asks for). A record whose query answer is cut
+by truncation has nothing left to train and is skipped as ``empty``.
 """
 
 from __future__ import annotations
@@ -65,10 +76,11 @@ class SampleBuilder:
                  mask_text_before_first_image: bool = True, labels: str = "all",
                  answer_markers: tuple[str, ...] = ()):
         tokenizer = processor.tokenizer
-        if labels == "answers" and not getattr(tokenizer, "is_fast", False):
-            raise ValueError(f"labels='answers' needs a fast tokenizer (for character offsets); "
+        if labels in ("answers", "last_answer") and not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"labels={labels!r} needs a fast tokenizer (for character offsets); "
                              f"{type(tokenizer).__name__} is not one.")
-        self.answers_only = labels == "answers"
+        self.answers_only = labels in ("answers", "last_answer")
+        self.last_answer_only = labels == "last_answer"
         self.answer_markers = tuple(m for m in answer_markers if m)
         self.tokenizer = tokenizer
         self.media_id = processor.media_token_id
@@ -84,18 +96,19 @@ class SampleBuilder:
         self.mask_text_before_first_image = mask_text_before_first_image
 
     def layout(self, document: Document) -> str:
-        return document.prefix + "".join(f"{MEDIA_TOKEN}{text}{END_OF_CHUNK_TOKEN}" for _, text in document.chunks)
+        return document.prefix + "".join(f"{MEDIA_TOKEN}{text}{END_OF_CHUNK_TOKEN}{document.separator(k)}"
+                                         for k, (_, text) in enumerate(document.chunks))
 
     def answer_spans(self, document: Document) -> list[tuple[int, int]]:
-        """Character spans of :meth:`layout`'s text that ``labels="answers"`` trains: each chunk's text after its
-        last answer marker, with the chunk's ``<|endofchunk|>``."""
+        """Character spans of :meth:`layout`'s text that answer labels train: each chunk's text after its last
+        answer marker, with the chunk's ``<|endofchunk|>`` (``labels="last_answer"``: the last chunk's only)."""
         spans, position = [], len(document.prefix)
-        for _, text in document.chunks:
+        for k, (_, text) in enumerate(document.chunks):
             start = position + len(MEDIA_TOKEN)
             ends = [text.rfind(m) + len(m) for m in self.answer_markers if m in text]
-            if ends:
+            if ends and (not self.last_answer_only or k == len(document.chunks) - 1):
                 spans.append((start + max(ends), start + len(text) + len(END_OF_CHUNK_TOKEN)))
-            position = start + len(text) + len(END_OF_CHUNK_TOKEN)
+            position = start + len(text) + len(END_OF_CHUNK_TOKEN) + len(document.separator(k))
         return spans
 
     def answer_mask(self, document: Document) -> list[bool]:
