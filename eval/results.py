@@ -108,8 +108,14 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, *, config: dict, trials: list[dict]) -> dict:
-    """Write the results JSON atomically: the run config, one entry per trial, and the per-setting summary."""
-    results = {"config": config, "trials": trials, "summary": summarize(trials)}
+def write_results(path: Path, *, config: dict, trials: list[dict], missing: list[dict] = ()) -> dict:
+    """Write the results JSON atomically: the run config, one entry per trial, and the per-setting summary.
+
+    ``complete`` is false while ``missing`` lists trials (``{"task", "shots", "seed"}``) not yet finished, so a file
+    left by a killed or interrupted run never passes for the whole evaluation; rerun the same command to finish it.
+    """
+    missing = list(missing)
+    results = {"config": config, "complete": not missing, "missing": missing, "trials": trials,
+               "summary": summarize(trials)}
     atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
     return results

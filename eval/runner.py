@@ -163,6 +163,10 @@ class Evaluator:
         trials: list[dict] = []
         run_config = {**dataclasses.asdict(cfg), "model_config": _model_identity(self.model)}
         tasks = [get_task(name, custom_kind=cfg.custom_kind) for name in cfg.tasks]
+        # Every trial this run owes, in run order; results.json says which are still missing until the last one ends.
+        missing = [{"task": t.name, "shots": k, "seed": s} for t in tasks for s in cfg.seeds for k in cfg.shots]
+        if self.state.is_main_process:
+            write_results(cfg.output, config=run_config, trials=trials, missing=missing)
         if any(task.spec.stem for task in tasks):
             # Fail before hours of generation if the stemming packages are missing, and record which rule ran.
             run_config["okvqa_stem_backend"] = require_stem_backend()
@@ -190,13 +194,14 @@ class Evaluator:
                 for shots in cfg.shots:
                     settings = self._settings(name, data, spec, shots=shots, seed=seed, num_queries=len(queries))
                     trial = self._run_trial(task, spec, queries, sampler, shots=shots, seed=seed, settings=settings)
+                    missing.remove({"task": name, "shots": shots, "seed": seed})
                     if trial is not None:
                         trials.append({**trial, "trial": cfg.seeds.index(seed)})
-                        write_results(cfg.output, config=run_config, trials=trials)
+                        write_results(cfg.output, config=run_config, trials=trials, missing=missing)
         self.state.wait_for_everyone()
         if not self.state.is_main_process:
             return None
-        return write_results(cfg.output, config=run_config, trials=trials)
+        return write_results(cfg.output, config=run_config, trials=trials, missing=missing)
 
     def _spec(self, task: Task, data) -> TaskSpec:
         """The task's spec with the dataset's class names and the config's decoding / layout overrides."""

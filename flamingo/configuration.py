@@ -78,6 +78,10 @@ class FlamingoConfig:
     # table that OpenFlamingo trained in full). They are saved alongside the trainable weights.
     saved_lang_params: list[str] = field(default_factory=list)
     trust_remote_code: bool = False
+    # An image (pixel_values or media) holding NaN or inf: "raise" a ValueError naming it, or "mask" it out, so it is
+    # attended by no token and the rest of the batch is computed exactly as if that image were any finite one.
+    # Read at every call, so ``model.config.nonfinite_media = "mask"`` on a built model works.
+    nonfinite_media: str = "raise"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -33,18 +33,33 @@ class MediaMask(NamedTuple):
     has_media: torch.Tensor
 
 
-def media_mask(images_seen: torch.Tensor, num_media: int, num_latents: int, immediate: bool) -> MediaMask:
-    """The image-causal mask for text tokens with ``images_seen`` (b, l) images at or before them."""
+def media_mask(
+    images_seen: torch.Tensor, num_media: int, num_latents: int, immediate: bool, media_ok: torch.Tensor | None = None
+) -> MediaMask:
+    """The image-causal mask for text tokens with ``images_seen`` (b, l) images at or before them.
+
+    media_ok: (b, t) bool, False for an image masked out (``FlamingoConfig.nonfinite_media="mask"``): no token
+    attends to it, and a token left with no image to attend to is treated like a token before the first image.
+    """
     media_index = torch.arange(1, num_media + 1, device=images_seen.device).repeat_interleave(num_latents)
     seen = images_seen[:, None, :, None]
     allowed = seen == media_index if immediate else seen >= media_index
-    has_media = images_seen > 0
+    if media_ok is None:
+        has_media = images_seen > 0
+    else:
+        allowed = allowed & media_ok.to(allowed.device).repeat_interleave(num_latents, dim=1)[:, None, None, :]
+        has_media = allowed.any(dim=-1)[:, 0]
     # A row with nothing to attend to would make softmax produce NaN; let it attend anywhere, its output is zeroed.
     return MediaMask(allowed | ~has_media[:, None, :, None], has_media)
 
 
 class MaskedCrossAttention(nn.Module):
-    """Text queries attend to visual keys/values under the image-causal mask."""
+    """Text queries attend to visual keys/values under the image-causal mask.
+
+    A masked-out key still enters the weighted sum with weight 0, and 0 * NaN is NaN: a non-finite image would reach
+    every token of its sample, including those before it. The model therefore never passes non-finite media here
+    (it raises, or replaces them with zeros and masks them out: ``FlamingoConfig.nonfinite_media``).
+    """
 
     def __init__(self, dim: int, dim_visual: int, config: CrossAttentionConfig):
         super().__init__()

@@ -7,13 +7,15 @@ Backbones go through their libraries' own loaders (``open_clip.create_model``, `
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .configuration import CrossAttentionConfig, FlamingoConfig, PerceiverConfig
+from .configuration import CONFIG_NAME, CrossAttentionConfig, FlamingoConfig, PerceiverConfig
+from .io import load_safetensors
 from .modeling import Flamingo
 from .processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, FlamingoProcessor, add_flamingo_tokens
 from .vision import load_vision_encoder, register_model_config
@@ -102,6 +104,8 @@ def build_from_config(config: FlamingoConfig, directory: Path, *, dtype: torch.d
 
     if config.vision_model is None or config.lang_model is None:
         raise ValueError(f"{directory}/config.json does not say which backbones to load (vision_model, lang_model).")
+    _check_local_backbone("lang_model", config.lang_model, directory, saved_name=LANG_MODEL_DIR)
+    _check_local_backbone("vision_pretrained", config.vision_pretrained, directory, saved_name=VISION_WEIGHTS_NAME)
     if config.vision_model_cfg is not None:
         register_model_config(config.vision_model, config.vision_model_cfg)
     vision_weights = local(config.vision_pretrained)
@@ -110,11 +114,36 @@ def build_from_config(config: FlamingoConfig, directory: Path, *, dtype: torch.d
         config.vision_model, None if saved_tower else vision_weights, weights_follow=saved_tower
     )
     if saved_tower:
-        from safetensors.torch import load_file
-
-        vision_encoder.visual.load_state_dict(load_file(vision_weights))
+        vision_encoder.visual.load_state_dict(load_safetensors(vision_weights))
     lm = load_lang_model(local(config.lang_model), trust_remote_code=config.trust_remote_code, dtype=dtype)
     if lm.get_input_embeddings().weight.shape[0] != config.vocab_size:
         lm.resize_token_embeddings(config.vocab_size, mean_resizing=False)
     return Flamingo(config, vision_encoder, lm)
 
+
+
+# Weights-file endings that mark a vision_pretrained value as a path (otherwise it is an open_clip tag like "openai").
+_WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _check_local_backbone(field: str, value: str | None, directory: Path, *, saved_name: str) -> None:
+    """A backbone that config.json names by a local path that is gone: say so here, before huggingface_hub reads the
+    path as a malformed repo id (or open_clip as an unknown tag)."""
+    if value is None:
+        return
+    config_path = directory / CONFIG_NAME
+    if value == saved_name:
+        if not (directory / saved_name).exists():
+            raise ValueError(
+                f"{config_path}: {field} is the backbone saved with save_backbones=True, but "
+                f"{directory / saved_name} does not exist; copy the whole model directory, or save it again."
+            )
+        return
+    looks_local = os.path.isabs(value) or value.startswith((".", "~"))
+    if field == "vision_pretrained":  # an open_clip tag never has a path separator or a file ending
+        looks_local = looks_local or "/" in value or os.sep in value or value.endswith(_WEIGHTS_SUFFIXES)
+    if looks_local and not Path(value).expanduser().exists():
+        raise ValueError(
+            f"{config_path}: {field} is the local path {value}, which does not exist (moved or deleted?). "
+            f"To fix it, move it back there, or set \"{field}\" in {config_path} to its new path (or a hub id)."
+        )

@@ -1,13 +1,20 @@
-"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half of one."""
+"""File reads and writes for saved models.
+
+Writes are atomic: a reader (or a resumed run) sees the old file or the new one, never half of one. Reads turn a
+damaged file into a ValueError that names it, instead of a traceback from inside json or safetensors.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 
 def _default_file_mode() -> int:
@@ -41,3 +48,23 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], 
     # safetensors refuses shared or non-contiguous storage; our tensors are small, so clone them.
     tensors = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
     _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in ``path``; a syntax error names the file, line and column (a hand edit or a half-copied file)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}."
+        ) from error
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors in ``path``; a truncated or damaged file (an interrupted download or copy) is named as such."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({error}); download it again or re-save it with save_pretrained."
+        ) from error

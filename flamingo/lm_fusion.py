@@ -39,6 +39,7 @@ class MediaContext:
     prompt_ids: (b, s0) the call's input ids. images_before: (b,) ``<image>`` tokens before ``prompt_ids[:, 0]``.
     prompt_offset: the cache position of ``prompt_ids[:, 0]``: 0 for ``generate`` (its input ids hold the whole
     sequence, cached part included); None for a forward call, whose ids continue whatever its cache holds.
+    media_ok: (b, t) bool, False for an image that no token may attend to (non-finite, masked out); None: all may.
     """
 
     def __init__(
@@ -49,8 +50,10 @@ class MediaContext:
         prompt_ids: torch.Tensor,
         images_before: torch.Tensor,
         prompt_offset: int | None,
+        media_ok: torch.Tensor | None = None,
     ):
         self.media = media
+        self.media_ok = media_ok
         self.blocks = blocks
         self.media_token_id = media_token_id
         self.prompt_ids = prompt_ids
@@ -78,6 +81,7 @@ class MediaContext:
             self.prompt_ids.repeat_interleave(copies, dim=0),
             self.images_before.repeat_interleave(copies, dim=0),
             self.offset,
+            None if self.media_ok is None else self.media_ok.repeat_interleave(copies, dim=0),
         )
 
     def start_lm_forward(self, call: LMCall) -> None:
@@ -123,7 +127,9 @@ class MediaContext:
         mask = self._masks.get(key)
         if mask is None:
             seen = self.images_seen.to(hidden_states.device)
-            mask = media_mask(seen, self.media.shape[1], self.media.shape[2], immediate=block.attn.immediate)
+            mask = media_mask(
+                seen, self.media.shape[1], self.media.shape[2], immediate=block.attn.immediate, media_ok=self.media_ok
+            )
             self._masks[key] = mask
         out = block(hidden_states.to(block.attn_gate.dtype), kv, mask)
         return out.to(hidden_states.dtype)

@@ -35,6 +35,7 @@ from .processing import MEDIA_TOKEN
 from .vision import VisionEncoder
 
 WEIGHTS_NAME = "model.safetensors"
+NONFINITE_MEDIA = ("raise", "mask")  # FlamingoConfig.nonfinite_media
 
 
 @dataclass
@@ -77,9 +78,50 @@ def copies_per_sample(lang_model: PreTrainedModel, generation_kwargs: dict) -> i
     the media must follow. The settings are merged as ``generate`` merges them: the given ``generation_config`` (or
     the LM's own), updated by the keyword arguments. The first LM forward checks the result against the prompt.
     """
+    config = _generation_config(lang_model, generation_kwargs)
+    return max(int(config.num_beams or 1), int(config.num_return_sequences or 1))
+
+
+def _generation_config(lang_model: PreTrainedModel, generation_kwargs: dict):
     config = copy.deepcopy(generation_kwargs.get("generation_config") or lang_model.generation_config)
     config.update(**{k: v for k, v in generation_kwargs.items() if k != "generation_config"})
-    return max(int(config.num_beams or 1), int(config.num_return_sequences or 1))
+    return config
+
+
+def context_length(lang_model: PreTrainedModel) -> tuple[str, int] | None:
+    """``(config field, value)``: the most positions the LM takes, from its config; None if it states no limit.
+
+    Families name it differently (Llama ``max_position_embeddings``, GPT-2 ``n_positions``, MPT ``max_seq_len``).
+    Past it, learned position tables fail with an ``IndexError`` deep in torch and rotary ones go on silently on
+    positions they were never trained on; either way the logits are not the model's.
+    """
+    config = getattr(lang_model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def _first_true(mask: torch.Tensor) -> list[int]:
+    """The index of the first True entry of a bool tensor known to hold one."""
+    return mask.nonzero()[0].tolist()
+
+
+def generated_length(lang_model: PreTrainedModel, generation_kwargs: dict, prompt_length: int) -> int:
+    """The longest sequence ``generate`` may reach: prompt + ``max_new_tokens``, or ``max_length`` when given here.
+
+    A ``max_length`` that only the LM's own generation config sets is not counted: some ship one longer than their
+    context, and generation usually stops at an end token long before.
+    """
+    config = _generation_config(lang_model, generation_kwargs)
+    if config.max_new_tokens is not None:
+        return prompt_length + int(config.max_new_tokens)
+    if generation_kwargs.get("max_length") is not None:
+        return max(prompt_length, int(generation_kwargs["max_length"]))
+    return prompt_length
 
 
 class Flamingo(nn.Module):
@@ -95,6 +137,8 @@ class Flamingo(nn.Module):
         super().__init__()
         if config.media_token_id is None:
             raise ValueError("config.media_token_id is unset; build the model with create_model_and_processor.")
+        if config.nonfinite_media not in NONFINITE_MEDIA:
+            raise ValueError(f"nonfinite_media={config.nonfinite_media!r} must be one of {NONFINITE_MEDIA}.")
         self.config = config
         self.vision_encoder = vision_encoder
         self.lang_model = lang_model
@@ -161,15 +205,40 @@ class Flamingo(nn.Module):
         return self.perceiver.latents.dtype
 
     # ------------------------------------------------------------------------------------------ forward
-    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(b, t, f, c, h, w) or (b, t, c, h, w) pixels -> (b, t, n, d_visual) perceiver latents."""
+    def _checked_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values as (b, t, f, c, h, w), after checking rank, dtype and image size against the vision tower."""
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(2)
         if pixel_values.ndim != 6:
             raise ValueError(
                 f"pixel_values must be (B, T_img, F, C, H, W) or (B, T_img, C, H, W); got shape {tuple(pixel_values.shape)}."
             )
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be normalised floating-point pixels; got dtype {pixel_values.dtype}. "
+                "Prepare images with FlamingoProcessor (or the vision tower's own transform)."
+            )
+        conv = getattr(self.vision_encoder.visual, "conv1", None)
+        expected = (getattr(conv, "in_channels", 3), *self.vision_encoder.image_size)
+        if tuple(pixel_values.shape[3:]) != expected:
+            raise ValueError(
+                f"pixel_values images must be (C, H, W) = {expected} for this vision tower; got "
+                f"{tuple(pixel_values.shape[3:])} (pixel_values shape {tuple(pixel_values.shape)})."
+            )
+        if pixel_values.shape[0] == 0 or pixel_values.shape[2] == 0:
+            raise ValueError(f"pixel_values is empty: shape {tuple(pixel_values.shape)} has no samples or no frames.")
+        return pixel_values
+
+    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(b, t, f, c, h, w) or (b, t, c, h, w) pixels -> (b, t, n, d_visual) perceiver latents.
+
+        Pixels must be floats normalised as the processor does, at the tower's image size; any float dtype is
+        cast to the tower's own (float64 included), integer pixels (e.g. uint8) are rejected.
+        """
+        pixel_values = self._checked_pixels(pixel_values)
         b, t, f = pixel_values.shape[:3]
+        if t == 0:  # no images in this batch: the tower cannot run on an empty batch
+            return self.perceiver.latents.new_zeros(b, 0, *self.perceiver.latents.shape)
         features = self.vision_encoder(pixel_values.flatten(0, 2))  # (b t f, v, d)
         features = features.unflatten(0, (b, t, f)).to(self.perceiver.latents.dtype)
         return self.perceiver(features)
@@ -184,15 +253,8 @@ class Flamingo(nn.Module):
         prompt_offset: int | None,
     ) -> MediaContext:
         self._check_fused()
-        if input_ids is None or input_ids.ndim != 2:
-            shape = None if input_ids is None else tuple(input_ids.shape)
-            raise ValueError(f"input_ids must be a (B, L) tensor of token ids; got {shape}.")
-        if pixel_values is not None and media is not None:
-            raise ValueError("Give pixel_values or precomputed media, not both.")
-        if media is None and pixel_values is not None:
-            media = self.encode_media(pixel_values)
-        if media is not None and media.ndim != 4:
-            raise ValueError(f"media must be (B, T_img, n_latents, D) perceiver output; got {tuple(media.shape)}.")
+        self._check_input_ids(input_ids)
+        media, media_ok = self._finite_media(pixel_values, media)
         if images_before is None:
             images_before = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         images_before = images_before.to(input_ids.device)
@@ -210,7 +272,76 @@ class Flamingo(nn.Module):
             # so a text's logits do not depend on whether unrelated images were passed along.
             media = self.perceiver.latents.new_zeros(input_ids.shape[0], 0, *self.perceiver.latents.shape)
         blocks = {int(i): block for i, block in self.cross_attn_blocks.items()}
-        return MediaContext(media, blocks, self.config.media_token_id, input_ids, images_before, prompt_offset)
+        return MediaContext(
+            media, blocks, self.config.media_token_id, input_ids, images_before, prompt_offset, media_ok
+        )
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (B, L) tensor of token ids; got {shape}.")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}.")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token a sample.")
+        vocab = self.lang_model.get_input_embeddings().weight.shape[0]
+        outside = (input_ids < 0) | (input_ids >= vocab)
+        if outside.any():
+            b, i = _first_true(outside)
+            raise ValueError(
+                f"input_ids[{b}, {i}] = {int(input_ids[b, i])} is not a token id: the vocabulary has {vocab} ids "
+                f"(0 to {vocab - 1}). Pad with the tokenizer's pad id, not a negative one."
+            )
+
+    def _check_length(self, length: int, what: str) -> None:
+        limit = context_length(self.lang_model)
+        if limit is not None and length > limit[1]:
+            raise ValueError(
+                f"{what} is {length} tokens, but the language model takes at most {limit[1]} positions "
+                f"(its config's {limit[0]}). Shorten the text."
+            )
+
+    def _finite_media(
+        self, pixel_values: torch.Tensor | None, media: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Encode the pixels if given, and deal with images holding NaN or inf (``config.nonfinite_media``).
+
+        Returns media (b, t, n, d) and media_ok (b, t) bool (None when every image is finite). Checked once per
+        call, at the boundary: inside the blocks a non-finite image would reach every token (see cross_attention).
+        """
+        if pixel_values is not None and media is not None:
+            raise ValueError("Give pixel_values or precomputed media, not both.")
+        if pixel_values is None and media is None:
+            return None, None
+        if self.config.nonfinite_media not in NONFINITE_MEDIA:
+            raise ValueError(f"nonfinite_media={self.config.nonfinite_media!r} must be one of {NONFINITE_MEDIA}.")
+        mask = self.config.nonfinite_media == "mask"
+        bad_pixels = None
+        if pixel_values is not None:
+            pixel_values = self._checked_pixels(pixel_values)
+            bad_pixels = ~pixel_values.isfinite().flatten(2).all(dim=2)  # (b, t)
+            if mask:  # no sync: zeroed images are masked out below, so their values do not matter
+                pixel_values = torch.where(bad_pixels[:, :, None, None, None, None], 0, pixel_values)
+            media = self.encode_media(pixel_values)
+        if media.ndim != 4 or not media.is_floating_point():
+            raise ValueError(
+                f"media must be (B, T_img, n_latents, D) floating-point perceiver output; got shape "
+                f"{tuple(media.shape)}, dtype {media.dtype}."
+            )
+        bad = ~media.isfinite().flatten(2).all(dim=2)  # (b, t); also catches overflow inside the tower or perceiver
+        if bad_pixels is not None:
+            bad = bad | bad_pixels
+        if not bad.any():
+            return media, None
+        if not mask:
+            b, t = _first_true(bad)
+            source = "pixel_values" if bad_pixels is not None and bad_pixels[b, t] else "media"
+            raise ValueError(
+                f"{source} of sample {b}, image {t} holds NaN or inf. Fix the input, or build the model with "
+                "nonfinite_media='mask' to leave such images out (no token attends to them)."
+            )
+        # Replace, don't multiply: NaN * 0 is NaN.
+        return torch.where(bad[:, :, None, None], 0, media), ~bad
 
     def forward(
         self,
@@ -231,11 +362,19 @@ class Flamingo(nn.Module):
         ``media`` (b, t, n, d) from :meth:`encode_media` to reuse encoded images. To continue from a KV cache, give
         the previous output's ``cache`` and its ``images_seen`` as ``images_before`` (b,). ``past_key_values`` is
         the deprecated name of ``cache``.
+
+        Bad input raises a ValueError: token ids outside the vocabulary, an empty batch, more tokens (cache
+        included) than the LM's context, pixels that are not normalised floats at the tower's image size, labels
+        with no token to predict, and images holding NaN or inf (unless ``config.nonfinite_media="mask"``).
         """
         cache = _renamed(cache, past_key_values, new="cache", old="past_key_values", where="Flamingo.forward")
-        if cache is not None and images_before is None and cache_length(cache) > 0:
+        past = 0 if cache is None else cache_length(cache)
+        if cache is not None and images_before is None and past > 0:
             raise ValueError("Continuing from a cache needs images_before (the previous output's images_seen).")
         context = self._media_context(input_ids, pixel_values, media, images_before, prompt_offset=None)
+        self._check_length(past + input_ids.shape[1], f"The input ({past} cached + {input_ids.shape[1]} new tokens)")
+        if labels is not None:
+            self._check_labels(labels, input_ids)
         if cache is not None:
             lang_model_kwargs[self._cache_keyword] = cache
         with self._media_slot.bind(context):
@@ -272,6 +411,8 @@ class Flamingo(nn.Module):
         ``num_return_sequences`` work as in HF; the media follow the expanded batch (:func:`copies_per_sample`).
         ``<image>`` is never generated, since a generated image token would have no image. To continue a KV
         cache, pass it as ``cache`` with the whole sequence as ``input_ids`` (the transformers convention).
+        Prompt plus ``max_new_tokens`` (or ``max_length``) must fit the LM's context; inputs are checked as in
+        :meth:`forward`.
         """
         cache = _renamed(
             generation_kwargs.pop("cache", None),
@@ -287,9 +428,27 @@ class Flamingo(nn.Module):
         suppress = set(generation_kwargs.pop("suppress_tokens", None) or []) | {self.config.media_token_id}
         generation_kwargs["suppress_tokens"] = sorted(suppress)
         context = self._media_context(input_ids, pixel_values, media, None, prompt_offset=0)
+        self._check_length(generated_length(self.lang_model, generation_kwargs, input_ids.shape[1]),
+                           f"The prompt ({input_ids.shape[1]} tokens) plus the tokens to generate")
         context = context.expanded(copies_per_sample(self.lang_model, generation_kwargs))
         with self._media_slot.bind(context):
             return self.lang_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
+
+    def _check_labels(self, labels: torch.Tensor, input_ids: torch.Tensor) -> None:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}; got {tuple(labels.shape)}.")
+        vocab = self.lang_model.get_input_embeddings().weight.shape[0]
+        # The LM shifts: label i+1 is predicted at token i, so labels[:, 0] is never used.
+        used = labels[:, 1:]
+        counted = used != -100
+        outside = counted & ((used < 0) | (used >= vocab))
+        state = torch.stack([counted.any(), outside.any()]).tolist()
+        if state[1]:
+            b, i = _first_true(outside)
+            raise ValueError(f"labels[{b}, {i + 1}] = {int(used[b, i])} is neither -100 nor a token id below {vocab}.")
+        if not state[0]:
+            # The mean over zero tokens is NaN; training (training/train.py) sums token losses itself.
+            raise ValueError("labels hold no token to compute a loss on: every label after the first is -100.")
 
     # ------------------------------------------------------------------------------------------ saving
     def trainable_state_dict(self, full_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

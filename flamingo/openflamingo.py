@@ -12,7 +12,9 @@ trainable parameters (perceiver, cross-attention, embeddings). Wrapper prefixes 
 
 from __future__ import annotations
 
+import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .configuration import PerceiverConfig
 from .factory import create_model_and_processor
+from .io import load_safetensors
 from .modeling import Flamingo
 from .processing import FlamingoProcessor
 
@@ -85,6 +88,27 @@ def _checkpoint_key(state: dict, decoder_layers_attr: str, key: str, *, lang: bo
     return key
 
 
+def _torch_load(path: Path) -> object:
+    not_a_checkpoint = (
+        f"OpenFlamingo checkpoint {path} is not a PyTorch checkpoint (or is truncated); "
+        "pass the checkpoint.pt file that torch.save wrote."
+    )
+    # torch.save writes a zip archive (legacy files: a pickle, first byte 0x80). torch.load reads anything else as a
+    # legacy pickle and fails with whatever the first bytes trigger (KeyError: '101' for text), so check first.
+    with path.open("rb") as file:
+        legacy_pickle = file.read(1) == b"\x80"
+    if not (legacy_pickle or zipfile.is_zipfile(path)):
+        raise ValueError(not_a_checkpoint)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise ValueError(f"OpenFlamingo checkpoint {path} holds objects that are not weights: {error}") from error
+        raise ValueError(f"{not_a_checkpoint} ({error})") from error
+    except (EOFError, RuntimeError) as error:  # a truncated zip or pickle
+        raise ValueError(f"{not_a_checkpoint} ({type(error).__name__}: {error})") from error
+
+
 def _load_checkpoint(checkpoint: str | Path | dict) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, dict):
         state = checkpoint
@@ -93,11 +117,11 @@ def _load_checkpoint(checkpoint: str | Path | dict) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise ValueError(f"OpenFlamingo checkpoint {path} does not exist.")
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+            state = load_safetensors(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _torch_load(path)
+        if not isinstance(state, dict):
+            raise ValueError(f"OpenFlamingo checkpoint {path} holds a {type(state).__name__}, not a state dict.")
     # Training checkpoints wrap the weights: {"model_state_dict": ..., "optimizer_state_dict": ...}.
     for wrapper in ("model_state_dict", "state_dict", "model"):
         if wrapper in state and isinstance(state[wrapper], dict):
@@ -122,6 +146,7 @@ def load_openflamingo(
     ``"openai"``, ``"anas-awadalla/mpt-1b-redpajama-200b"``). As in OpenFlamingo, the LM vocabulary is resized to the
     tokenizer's length. OpenFlamingo has no frame embeddings; ours are set to zero, which changes nothing for images.
     """
+    state = _load_checkpoint(checkpoint)  # first: a wrong file fails before the backbones load
     model, processor = create_model_and_processor(
         vision_model=vision_encoder,
         vision_pretrained=vision_pretrained,
@@ -133,7 +158,6 @@ def load_openflamingo(
         trust_remote_code=trust_remote_code,
         resize_to_tokenizer=True,
     )
-    state = _load_checkpoint(checkpoint)
     ours, lang = convert_openflamingo_state_dict(state, model.config.decoder_layers_attr)
 
     def named(key: str, lang: bool = False) -> str:

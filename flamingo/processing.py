@@ -6,27 +6,30 @@ Two input styles, each for one sample or a batch:
   text that is followed by another image is closed with ``<|endofchunk|>`` (unless it already ends with it);
 * marked text: ``text="<image>An image of two cats.<|endofchunk|><image>An image of", images=[img1, img2]``.
 
-Images may be PIL images, file paths (``str`` or ``Path`` in marked-text style, ``Path`` in interleaved style, where a
-``str`` is text), or raw bytes. A batch may mix samples with different numbers of images: ``pixel_values`` is
-zero-padded to the largest count, and the model never attends to padded slots (they have no ``<image>`` token).
-Padding of the text is on the left by default, as generation needs.
+Images may be PIL images of any mode, file paths (``str`` or ``Path`` in marked-text style, ``Path`` in interleaved
+style, where a ``str`` is text), raw bytes, numpy arrays (HWC or HW) or torch tensors (CHW, HWC or HW); how each is
+turned into RGB (16-bit and float data, EXIF orientation, alpha) is documented in :mod:`flamingo.images`. Bad input
+raises a ValueError that names the sample and image.
+
+A batch may mix samples with different numbers of images: ``pixel_values`` is zero-padded to the largest count, and the
+model never attends to padded slots (they have no ``<image>`` token). Padding of the text is on the left by default, as
+generation needs.
 
 Shapes: input_ids, attention_mask (B, L); pixel_values (B, T_img, 1, C, H, W).
 """
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 
-from .io import atomic_write_text
+from .images import ImageLike, is_image, load_image
+from .io import atomic_write_text, read_json
 from .micro.shipped import resolve_model_path
 
 MEDIA_TOKEN = "<image>"
@@ -34,7 +37,7 @@ END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
-ImageLike = Image.Image | str | Path | bytes
+__all__ = ["FlamingoProcessor", "ImageLike", "add_flamingo_tokens", "load_image"]
 
 
 def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -50,17 +53,17 @@ def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return [i for i in added if i is not None and i >= before]
 
 
-def load_image(image: ImageLike) -> Image.Image:
-    """Open an image as RGB; raise ValueError naming the file if it cannot be read."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    name = f"{len(image)} bytes" if isinstance(image, bytes) else str(image)
+def _check_text(text: Any, index: int) -> None:
+    """Catch at the boundary what the tokenizer would report as a TypeError from deep inside Rust."""
+    if not isinstance(text, str):
+        raise ValueError(f"Sample {index}: text must be a str; got {type(text).__name__}.")
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
-            return opened.convert("RGB")
-    # DecompressionBombError (an absurdly large or corrupt header) is not an OSError.
-    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Cannot read image {name}: {error}") from error
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # lone surrogates ("\ud83d"), e.g. half of a badly split emoji
+        bad = text[error.start : error.end]
+        raise ValueError(
+            f"Sample {index}: text is not valid Unicode ({bad!r} at position {error.start} is a lone surrogate)."
+        ) from error
 
 
 class FlamingoProcessor:
@@ -96,8 +99,14 @@ class FlamingoProcessor:
         else:
             raise ValueError("Nothing to process: give an interleaved sequence, or text= (with images=).")
 
+        for index, sample_text in enumerate(texts):
+            _check_text(sample_text, index)
         encoded = self.tokenizer(texts, padding="longest", padding_side=padding_side, return_tensors="pt")
         input_ids = encoded["input_ids"]
+        lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        if 0 in lengths:
+            # A row of padding only would leave the LM nothing to attend to (NaN logits), so stop it here.
+            raise ValueError(f"Sample {lengths.index(0)} is empty: its text encodes to no tokens and it has no images.")
         counts = (input_ids == self.media_token_id).sum(dim=1).tolist()
         for index, (count, sample_images) in enumerate(zip(counts, image_lists)):
             if count != len(sample_images):
@@ -119,7 +128,11 @@ class FlamingoProcessor:
         pixels = torch.zeros(len(image_lists), max(most, 1), 1, c, h, w)
         for b, sample in enumerate(image_lists):
             for t, image in enumerate(sample):
-                pixels[b, t, 0] = self.image_transform(load_image(image))
+                try:
+                    rgb = load_image(image)
+                except ValueError as error:
+                    raise ValueError(f"Sample {b}, image {t}: {error}") from error
+                pixels[b, t, 0] = self.image_transform(rgb)
         return pixels
 
     def _size(self) -> tuple[int, int]:
@@ -131,15 +144,24 @@ class FlamingoProcessor:
         return len(inputs) > 0 and all(isinstance(x, (list, tuple)) for x in inputs)
 
     def _from_interleaved(self, inputs: Sequence[Any]) -> tuple[list[str], list[list[ImageLike]]]:
+        if not isinstance(inputs, (list, tuple)):
+            raise ValueError(
+                "An interleaved input is a list of texts and images (or a list of such lists); "
+                f"got {type(inputs).__name__}."
+            )
+        if len(inputs) == 0:
+            raise ValueError("The interleaved input is an empty list; give at least one text or image.")
         samples = inputs if self._is_batch_of_interleaved(inputs) else [inputs]
         texts, image_lists = [], []
-        for sample in samples:
+        for index, sample in enumerate(samples):
             parts: list[str] = []
             sample_images: list[ImageLike] = []
-            for item in sample:
+            if len(sample) == 0:
+                raise ValueError(f"Sample {index} of the interleaved batch is empty; give at least one text or image.")
+            for position, item in enumerate(sample):
                 if isinstance(item, str):
                     parts.append(item)
-                elif isinstance(item, (Image.Image, Path, bytes)):
+                elif is_image(item):
                     # Text that is followed by another image ends its chunk.
                     if parts and not parts[-1].rstrip().endswith(END_OF_CHUNK_TOKEN):
                         parts.append(END_OF_CHUNK_TOKEN)
@@ -147,8 +169,8 @@ class FlamingoProcessor:
                     sample_images.append(item)
                 else:
                     raise ValueError(
-                        f"Interleaved items must be text (str) or images (PIL.Image, pathlib.Path, bytes); "
-                        f"got {type(item).__name__}."
+                        f"Sample {index}, item {position}: interleaved items must be text (str) or images "
+                        f"(PIL.Image, pathlib.Path, bytes, numpy array, torch tensor); got {type(item).__name__}."
                     )
             texts.append("".join(parts))
             image_lists.append(sample_images)
@@ -159,15 +181,31 @@ class FlamingoProcessor:
         text: str | Sequence[str], images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None
     ) -> tuple[list[str], list[list[ImageLike]]]:
         if isinstance(text, str):
-            texts = [text]
-            image_lists = [list(images or [])]
-            if image_lists[0] and isinstance(image_lists[0][0], (list, tuple)):
+            if images is None:
+                return [text], [[]]
+            if is_image(images) or isinstance(images, str):  # one image for one text
+                return [text], [[images]]
+            if not isinstance(images, (list, tuple)):
+                raise ValueError(f"images= must be a list of images; got {type(images).__name__}.")
+            if any(isinstance(x, (list, tuple)) for x in images):
                 raise ValueError("For one text, give images as a flat list, not a list of lists.")
-        else:
-            texts = list(text)
-            image_lists = [list(x) for x in images] if images is not None else [[] for _ in texts]
-            if len(image_lists) != len(texts):
-                raise ValueError(f"Got {len(texts)} texts but {len(image_lists)} image lists; give one list per text.")
+            return [text], [list(images)]
+        if not isinstance(text, (list, tuple)):
+            raise ValueError(f"text= must be a string or a list of strings; got {type(text).__name__}.")
+        if len(text) == 0:
+            raise ValueError("text= is an empty list; give at least one text.")
+        texts = list(text)
+        if images is None:
+            return texts, [[] for _ in texts]
+        if not isinstance(images, (list, tuple)) or not all(isinstance(x, (list, tuple)) for x in images):
+            found = type(images).__name__ if not isinstance(images, (list, tuple)) else "a flat list of images"
+            raise ValueError(
+                f"For a list of {len(texts)} texts, images= must be a list of {len(texts)} lists, one list of images "
+                f"per text (e.g. images=[[img_a], [img_b, img_c]]); got {found}."
+            )
+        image_lists = [list(x) for x in images]
+        if len(image_lists) != len(texts):
+            raise ValueError(f"Got {len(texts)} texts but {len(image_lists)} image lists; give one list per text.")
         return texts, image_lists
 
     # ---------------------------------------------------------------------------------------------- decoding
@@ -193,4 +231,4 @@ class FlamingoProcessor:
         if not path.is_file():
             raise ValueError(f"{directory} holds no {PREPROCESSOR_CONFIG_NAME}; was it written by save_pretrained?")
         tokenizer = AutoTokenizer.from_pretrained(directory, **tokenizer_kwargs)
-        return cls(tokenizer, json.loads(path.read_text()))
+        return cls(tokenizer, read_json(path))

@@ -203,3 +203,175 @@ def test_processor_from_pretrained_requires_its_preprocessor_config(llama, tmp_p
     llama[1].tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds no preprocessor_config.json"):
         flamingo.FlamingoProcessor.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ non-finite images
+
+
+def _two_image_batch(processor, images):
+    """Two samples; sample 1 is '<image>A cat.<|endofchunk|><image>A dog' with images (1, 2, 1, 3, 32, 32)."""
+    text = ["<image>A bird.<|endofchunk|><image>A fish", "<image>A cat.<|endofchunk|><image>A dog"]
+    return processor(text=text, images=[images[:2], images[2:]])
+
+
+def test_nan_in_one_image_raises_naming_the_sample_and_image(llama):
+    model, processor = llama
+    batch = _two_image_batch(processor, random_images(4))
+    batch["pixel_values"][1, 1, 0, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"pixel_values of sample 1, image 1 holds NaN or inf.*nonfinite_media='mask'"):
+        model(**batch)
+    batch["pixel_values"][1, 1, 0, 0, 5, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"pixel_values of sample 1, image 1 holds NaN or inf"):
+        model.generate(**batch, max_new_tokens=2)
+
+
+def test_nonfinite_media_given_directly_raises(llama, batch):
+    model = llama[0]
+    media = model.encode_media(batch["pixel_values"])
+    media[0, 0, 1, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"media of sample 0, image 0 holds NaN or inf"):
+        model(input_ids=batch["input_ids"], media=media)
+
+
+def test_unknown_nonfinite_media_setting_is_rejected(llama, batch, monkeypatch):
+    monkeypatch.setattr(llama[0].config, "nonfinite_media", "ignore")
+    with pytest.raises(ValueError, match=r"nonfinite_media='ignore' must be one of \('raise', 'mask'\)"):
+        llama[0](**batch)
+
+
+@pytest.mark.parametrize("immediate", [True, False], ids=["immediate", "all-previous"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_masked_nonfinite_image_affects_no_token_before_it_and_gives_no_nan(
+    immediate, value, tiny_vision, tiny_llama_dir
+):
+    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir, immediate=immediate)
+    model.config.nonfinite_media = "mask"
+    batch = _two_image_batch(processor, random_images(4))
+    clean = model(**batch).logits
+    bad = batch["pixel_values"].clone()
+    bad[1, 1, 0, :, 3:9, 3:9] = value
+    out = model(**{**batch, "pixel_values": bad}).logits
+    assert out.isfinite().all()
+    # Tokens of sample 1 up to (not including) its second <image> are bit-identical; sample 0 is untouched.
+    second_image = int((batch["input_ids"][1] == model.config.media_token_id).nonzero()[1])
+    assert torch.equal(out[1, :second_image], clean[1, :second_image])
+    assert torch.equal(out[0], clean[0])
+    # The masked image reaches no token: the tokens after it are those of the same image slot with any finite image.
+    other = batch["pixel_values"].clone()
+    other[1, 1] = torch.randn_like(other[1, 1])
+    media = model.encode_media(other)
+    media[1, 1] = float("nan")
+    same_slot = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], media=media).logits
+    assert torch.equal(same_slot, out)
+    generated = model.generate(**{**batch, "pixel_values": bad}, max_new_tokens=3)
+    assert generated.shape[0] == 2
+
+
+# ------------------------------------------------------------------------------------------------ context length
+
+
+def test_text_longer_than_the_llama_context_is_rejected(llama, batch):
+    model = llama[0]
+    ids = batch["input_ids"].repeat(1, 300 // batch["input_ids"].shape[1] + 1)[:, :300]
+    message = r"\(0 cached \+ 300 new tokens\) is 300 tokens.*at most 256 positions.*max_position_embeddings"
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=ids, pixel_values=batch["pixel_values"].expand(1, 300, 1, 3, 32, 32))
+
+
+def test_text_longer_than_the_gpt2_context_is_rejected_not_an_index_error(tiny_vision, tiny_lm_dir):
+    model, processor = build_tiny_model(tiny_vision, tiny_lm_dir("gpt2"))
+    ids = processor(text="a b c " * 200)["input_ids"]
+    assert ids.shape[1] > 256
+    with pytest.raises(ValueError, match=r"at most 256 positions \(its config's (n_positions|max_position_embeddings)"):
+        model(input_ids=ids)
+
+
+def test_cached_plus_new_tokens_past_the_context_are_rejected(llama):
+    model, processor = llama
+    ids = processor(text="a b c " * 200)["input_ids"][:, :200]
+    out = model(input_ids=ids, use_cache=True)
+    with pytest.raises(ValueError, match=r"\(200 cached \+ 60 new tokens\) is 260 tokens"):
+        model(input_ids=ids[:, :60], cache=out.cache, images_before=out.images_seen)
+
+
+def test_generation_past_the_context_is_rejected_before_it_starts(llama):
+    model, processor = llama
+    ids = processor(text="a b c " * 200)["input_ids"][:, :250]
+    with pytest.raises(ValueError, match=r"prompt \(250 tokens\) plus the tokens to generate is 260 tokens"):
+        model.generate(input_ids=ids, max_new_tokens=10)
+    assert model.generate(input_ids=ids, max_new_tokens=6).shape[1] <= 256
+
+
+# ------------------------------------------------------------------------------------------------ pixel values
+
+
+@pytest.mark.parametrize(
+    "shape, got",
+    [((1, 1, 1, 3, 40, 40), "(3, 40, 40)"), ((1, 1, 1, 1, 32, 32), "(1, 32, 32)"), ((1, 1, 4, 32, 32), "(4, 32, 32)")],
+    ids=["size", "channels", "channels-5d"],
+)
+def test_pixel_values_of_the_wrong_image_size_or_channels_are_rejected(shape, got, llama, batch):
+    with pytest.raises(ValueError, match=re.escape(f"(C, H, W) = (3, 32, 32) for this vision tower; got {got}")):
+        llama[0](input_ids=batch["input_ids"], pixel_values=torch.zeros(shape))
+
+
+def test_uint8_pixel_values_are_rejected_with_a_pointer_to_the_processor(llama, batch):
+    pixels = torch.zeros(batch["pixel_values"].shape, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"normalised floating-point pixels; got dtype torch\.uint8.*FlamingoProcessor"):
+        llama[0](input_ids=batch["input_ids"], pixel_values=pixels)
+
+
+def test_float64_pixel_values_are_cast_to_the_towers_dtype(llama, batch):
+    model = llama[0]
+    expected = model(**batch).logits
+    assert torch.equal(model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"].double()).logits, expected)
+
+
+# ------------------------------------------------------------------------------------------------ token ids, labels
+
+
+@pytest.mark.parametrize("bad_id", ["vocab", -1, -100])
+def test_token_id_outside_the_vocabulary_is_rejected(bad_id, llama, batch):
+    model = llama[0]
+    vocab = model.lang_model.get_input_embeddings().weight.shape[0]
+    bad_id = vocab if bad_id == "vocab" else bad_id
+    ids = batch["input_ids"].clone()
+    ids[0, -1] = bad_id
+    message = rf"input_ids\[0, {ids.shape[1] - 1}\] = {bad_id} is not a token id: the vocabulary has {vocab} ids"
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=ids, pixel_values=batch["pixel_values"])
+    with pytest.raises(ValueError, match=rf"= {bad_id} is not a token id"):
+        model.generate(input_ids=ids, pixel_values=batch["pixel_values"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (1, 0), (0, 0)])
+def test_empty_batch_is_rejected(shape, llama):
+    with pytest.raises(ValueError, match=re.escape(f"input_ids is empty (shape {shape})")):
+        llama[0](input_ids=torch.zeros(shape, dtype=torch.long))
+
+
+def test_float_input_ids_are_rejected(llama, batch):
+    with pytest.raises(ValueError, match="input_ids must hold integer token ids; got dtype torch.float32"):
+        llama[0](input_ids=batch["input_ids"].float(), pixel_values=batch["pixel_values"])
+
+
+def test_labels_with_no_token_to_predict_are_rejected_rather_than_giving_nan_loss(llama, batch):
+    model = llama[0]
+    labels = torch.full_like(batch["input_ids"], -100)
+    with pytest.raises(ValueError, match="labels hold no token to compute a loss on"):
+        model(**batch, labels=labels)
+    labels[0, 0] = batch["input_ids"][0, 0]  # the first label is never predicted (the LM shifts)
+    with pytest.raises(ValueError, match="labels hold no token to compute a loss on"):
+        model(**batch, labels=labels)
+    labels[0, -1] = batch["input_ids"][0, -1]
+    assert model(**batch, labels=labels).loss.isfinite()
+
+
+def test_labels_outside_the_vocabulary_or_of_the_wrong_shape_are_rejected(llama, batch):
+    model = llama[0]
+    labels = batch["input_ids"].clone()
+    labels[0, 2] = 10**6
+    with pytest.raises(ValueError, match=r"labels\[0, 2\] = 1000000 is neither -100 nor a token id"):
+        model(**batch, labels=labels)
+    with pytest.raises(ValueError, match="labels must have input_ids' shape"):
+        model(**batch, labels=labels[:, :-1])

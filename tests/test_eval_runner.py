@@ -514,6 +514,27 @@ def test_resumed_run_skips_finished_batches_and_equals_an_uninterrupted_run(load
     assert trial_values(tmp_path / "resumed" / "results.json") == trial_values(tmp_path / "full" / "results.json")
 
 
+def test_an_interrupted_run_leaves_results_marked_incomplete_with_the_missing_trials(loaded, data_dir, tmp_path):
+    model, processor = loaded
+    config = EvalConfig(model=None, tasks=["vqav2", "hateful_memes"], shots=[2], seeds=[7], data_dir=data_dir,
+                        batch_size=2, max_new_tokens=3, output=tmp_path / "results.json")
+
+    def ctrl_c_in_the_second_task(task, shots, seed, batch):
+        if task == "hateful_memes":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Evaluator(config, model=model, processor=processor, after_batch=ctrl_c_in_the_second_task).run()
+    partial = json.loads(config.output.read_text())
+    assert partial["complete"] is False
+    assert partial["missing"] == [{"task": "hateful_memes", "shots": 2, "seed": 7}]
+    assert [t["task"] for t in partial["trials"]] == ["vqav2"]
+
+    finished = Evaluator(config, model=model, processor=processor).run()  # the rerun finishes from the progress logs
+    assert finished["complete"] is True and finished["missing"] == []
+    assert json.loads(config.output.read_text())["complete"] is True
+
+
 def test_progress_log_after_a_kill_mid_write_stays_readable_for_later_resumes(tmp_path):
     log = ProgressLog(tmp_path, name="t", rank=0)
     log.append(0, [{"index": 0}])

@@ -4,6 +4,7 @@
 import io
 import json
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -251,3 +252,128 @@ def test_processor_save_load_round_trip_gives_identical_outputs(processor, tmp_p
     assert (loaded.media_token_id, loaded.end_of_chunk_token_id) == (processor.media_token_id, processor.end_of_chunk_token_id)
     assert loaded.batch_decode(processor(samples)["input_ids"]) == processor.batch_decode(processor(samples)["input_ids"])
 
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+# Each case either converts the documented way (flamingo.images) or raises a ValueError that names the problem and
+# the sample/image; never a silent wrong result, never a traceback from inside PIL or the tokenizer.
+
+
+def _pixels(processor, image):
+    return processor(text=f"{IMAGE}x", images=[image])["pixel_values"][0, 0, 0]
+
+
+def _grey(value, size=(8, 8)):
+    return Image.new("RGB", size, (value, value, value))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_16_bit_images_are_scaled_to_8_bit_not_saturated(processor, tmp_path, mode):
+    image = Image.new(mode, (8, 8), 30000)  # 30000 / 65535 * 255 = 116.7
+    assert (np.asarray(flamingo.processing.load_image(image)) == 117).all()
+    assert torch.equal(_pixels(processor, image), processor.image_transform(_grey(117)))
+    path = tmp_path / "deep.png"
+    Image.new("I;16", (8, 8), 30000).save(path)  # a 16-bit PNG file, the case users hit
+    assert torch.equal(_pixels(processor, path), processor.image_transform(_grey(117)))
+
+
+def test_float_pil_images_are_read_as_zero_to_one_and_out_of_range_is_rejected(processor):
+    assert torch.equal(_pixels(processor, Image.new("F", (8, 8), 0.5)), processor.image_transform(_grey(128)))
+    with pytest.raises(ValueError, match=r"Sample 0, image 0: Float image values must lie in \[0, 1\]"):
+        _pixels(processor, Image.new("F", (8, 8), 200.0))
+
+
+def test_jpeg_exif_orientation_is_applied_on_load(processor, tmp_path):
+    # Stored 64 wide and 32 high with orientation 6 ("rotate 90 degrees clockwise to view"): a viewer shows 32x64.
+    stored = Image.new("RGB", (64, 32), (255, 255, 255))
+    stored.paste((0, 0, 0), (0, 0, 32, 32))  # left half black
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    upright = stored.transpose(Image.Transpose.ROTATE_270)  # left half -> top half
+    assert upright.size == (32, 64)
+    expected = processor.image_transform(upright)
+    for source in (path, path.read_bytes(), Image.open(path)):
+        assert torch.allclose(_pixels(processor, source), expected, atol=0.1), type(source)
+    assert flamingo.processing.load_image(path).size == (32, 64)
+
+
+def test_numpy_arrays_and_torch_tensors_are_images(processor):
+    rgb = random_images(1, seed=16)[0]
+    array = np.array(rgb)  # (H, W, 3) uint8
+    expected = processor.image_transform(rgb)
+    as_float = array.astype(np.float32) / 255
+    for image in (
+        array,
+        as_float,
+        as_float.astype(np.float64),
+        torch.from_numpy(array),  # HWC
+        torch.from_numpy(array).permute(2, 0, 1),  # CHW, torchvision's layout
+        torch.from_numpy(as_float).permute(2, 0, 1),
+    ):
+        assert torch.allclose(_pixels(processor, image), expected, atol=1e-5), (type(image), image.dtype)
+    grey = array[:, :, 0]
+    assert torch.equal(_pixels(processor, grey), processor.image_transform(Image.fromarray(grey).convert("RGB")))
+    # Interleaved style takes them too.
+    assert torch.equal(processor([array, "x"])["pixel_values"][0, 0, 0], expected)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (None, "got NoneType"),
+        (np.zeros((3, 8, 9), np.uint8), "looks channels-first"),
+        (np.zeros((8, 8, 2), np.uint8), "expected \\(H, W\\)"),
+        (np.zeros((0, 8, 3), np.uint8), "at least 1x1"),
+        (np.full((8, 8, 3), 2.0, np.float32), "must lie in \\[0, 1\\]"),
+        (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+        (np.full((8, 8, 3), 300, np.int64), "must lie in \\[0, 255\\]"),
+        (torch.zeros(2, 3, 8, 8), "expected \\(H, W\\)"),
+    ],
+)
+def test_unusable_images_raise_a_value_error_naming_sample_and_image(processor, image, message):
+    good = random_images(1)[0]
+    with pytest.raises(ValueError, match=rf"Sample 1, image 1: .*{message}"):
+        processor(text=[f"{IMAGE}a", f"{IMAGE}b{IMAGE}c"], images=[[good], [good, image]])
+
+
+def test_none_in_interleaved_input_is_a_value_error_naming_sample_and_item(processor):
+    with pytest.raises(ValueError, match="Sample 0, item 1: .*got NoneType"):
+        processor(["a", None])
+
+
+def test_empty_text_list_is_a_value_error(processor):
+    with pytest.raises(ValueError, match="text= is an empty list"):
+        processor(text=[])
+    with pytest.raises(ValueError, match="interleaved input is an empty list"):
+        processor([])
+
+
+def test_text_that_encodes_to_no_tokens_is_a_value_error(tiny_vision, tiny_lm_dir):
+    _, gpt2 = build_tiny_model(tiny_vision, tiny_lm_dir("gpt2"))  # adds no BOS, so "" is zero tokens
+    with pytest.raises(ValueError, match="Sample 1 is empty"):
+        gpt2(text=["a", ""])
+
+
+def test_lone_surrogate_in_text_is_a_value_error_naming_the_sample(processor):
+    with pytest.raises(ValueError, match="Sample 1: text is not valid Unicode .*lone surrogate"):
+        processor(text=["fine", "half an emoji \ud83d"])
+    with pytest.raises(ValueError, match="Sample 0: text is not valid Unicode"):
+        processor([random_images(1)[0], "\ud83d"])
+
+
+def test_non_string_text_is_a_value_error(processor):
+    with pytest.raises(ValueError, match="Sample 1: text must be a str; got int"):
+        processor(text=["a", 3])
+
+
+def test_texts_with_a_flat_image_list_explain_the_nesting(processor):
+    images = random_images(2)
+    with pytest.raises(ValueError, match=r"one list of images per text .*got a flat list of images"):
+        processor(text=[f"{IMAGE}a", f"{IMAGE}b"], images=images)
+
+
+def test_one_text_takes_a_single_image_without_a_list(processor):
+    image = random_images(1)[0]
+    _assert_same_batch(processor(text=f"{IMAGE}a", images=image), processor(text=f"{IMAGE}a", images=[image]))

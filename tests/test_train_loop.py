@@ -114,7 +114,7 @@ def test_an_override_that_is_not_yaml_such_as_a_leading_glob_is_taken_as_a_strin
     config = load_config(TINY_CPU, overrides=["data.0.path=*.jsonl", "run.output_dir=@runs"])
     assert (config.data[0].path, config.run.output_dir) == ("*.jsonl", "@runs")
 
-def test_cli_flags_resume_and_strict_become_run_settings(monkeypatch):
+def test_cli_flags_resume_and_strict_become_run_settings(monkeypatch, tmp_path):
     seen = {}
 
     def fake_train(config):
@@ -124,9 +124,57 @@ def test_cli_flags_resume_and_strict_become_run_settings(monkeypatch):
     monkeypatch.setattr(train_module, "train", fake_train)
     from flamingo_train import cli
 
-    cli.main(["--config", str(TINY_CPU), "run.max_steps=7", "--resume", "auto", "--strict"])
+    data = tmp_path / "data.jsonl"
+    data.touch()  # the CLI checks that the data exists before it trains
+    cli.main(["--config", str(TINY_CPU), f"data.0.path={data}", "run.max_steps=7", "--resume", "auto", "--strict"])
     run = seen["config"].run
     assert (run.max_steps, run.resume, run.strict) == (7, "auto", True)
+
+
+def _cli_error(argv, capsys) -> str:
+    """Run flamingo-train's CLI, expect exit code 2, return its one stderr line."""
+    from flamingo_train import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flamingo-train: error: "), lines
+    return lines[0]
+
+
+def test_the_cli_rejects_a_bad_data_path_before_loading_any_backbone(tmp_path, capsys, monkeypatch):
+    # The backbones do not exist: had the CLI loaded the model first, the error would be about them (with real
+    # backbones, a multi-GB download), not about the data path.
+    config = tmp_path / "typo.yaml"
+    config.write_text(
+        "model:\n  vision_model: ViT-L-14\n  vision_pretrained: openai\n  lang_model: no-such-org/no-such-lm\n"
+        f"data:\n  - name: docs\n    path: {tmp_path / 'dat' / '*.jsonl'}\n"
+    )
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    line = _cli_error(["--config", str(config)], capsys)
+    assert "typo.yaml: data[0].path:" in line and "matches no file" in line and "dat/*.jsonl" in line
+
+
+def test_train_checks_data_paths_and_kinds_before_loading_the_model(example, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("{}\n")
+    config = load_config(TINY_CPU, overrides=[f"model.pretrained={example / 'model'}", f"data.0.path={notes}"])
+    with pytest.raises(ValueError, match=r"data\[0\]\.path: .*cannot read .*notes\.txt"):
+        train(config)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lr=-1e-3", "optim.lr"), ("optim.lr=.nan", "optim.lr"), ("optim.betas=[0.9, 1.5]", "optim.betas"),
+    ("optim.eps=0", "optim.eps"), ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("run.log_evry=5", "log_evry"), ("run.max_steps=ten", "run.max_steps"),
+])
+def test_a_config_error_is_one_line_naming_the_file_and_field_and_exit_code_2(tmp_path, capsys, override, field):
+    data = tmp_path / "data.jsonl"
+    data.touch()
+    line = _cli_error(["--config", str(TINY_CPU), f"data.0.path={data}", override], capsys)
+    assert "tiny_cpu.yaml" in line and field in line
 
 
 # ---------------------------------------------------------------------------------------------- optimiser
@@ -306,14 +354,28 @@ def test_a_nonfinite_micro_batch_keeps_the_whole_step_out_of_the_logged_loss(exa
     assert logged["skipped_steps"] == 1
     assert logged["loss"] == pytest.approx(read_metrics(tmp_path / "one")[0]["loss"], rel=1e-6)  # step 1 alone
 
-def test_bad_records_are_counted_in_the_metrics_and_strict_mode_raises(tiny_vision, tmp_path, example):
+def test_bad_records_are_counted_in_the_metrics_the_progress_bar_and_the_log_and_strict_mode_raises(
+    tiny_vision, tmp_path, example, monkeypatch, caplog
+):
     data = write_synthetic_dataset(tmp_path / "data", format="simple", num_records=16, seed=0)
     first_image = json.loads(data.read_text().splitlines()[0])["images"][0]
     (data.parent / first_image).unlink()
     overrides = [f"data.0.path={data}", "run.max_steps=2", "run.log_every=1", "run.save_every=0"]
-    train(tiny_config(example, tmp_path / "run", *overrides))
+    postfixes = []
+
+    class RecordingBar(train_module.tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            postfixes.append(dict(ordered_dict or {}, **kwargs))
+            super().set_postfix(ordered_dict, refresh, **kwargs)
+
+    monkeypatch.setattr(train_module, "tqdm", RecordingBar)
+    with caplog.at_level("WARNING", logger=train_module.__name__):
+        train(tiny_config(example, tmp_path / "run", *overrides))
     skipped = {k: v for k, v in read_metrics(tmp_path / "run")[-1].items() if k.startswith("skipped/shapes/")}
     assert sum(skipped.values()) == 1, skipped
+    assert postfixes[-1]["skipped"] == 1  # the README's "skip counts in the progress log"
+    announced = [r.getMessage() for r in caplog.records if "bad record" in r.getMessage()]
+    assert len(announced) == 1 and "shapes/missing_image" in announced[0], announced  # once, not every log line
 
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(ValueError, match="data.jsonl"):

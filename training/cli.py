@@ -8,6 +8,8 @@ Usage::
     flamingo-train convert-task --task custom --custom-kind vqa --data-dir DIR --shots 0,4 --output train.jsonl
 
 Overrides are parsed as YAML values: ``run.max_steps=200 optim.lr=3e-4 data.0.batch_size=4 data.laion.loss_weight=0.2``.
+The whole config, data paths included, is checked before anything loads; a bad one ends with one line naming the file
+and field, and exit code 2.
 """
 
 from __future__ import annotations
@@ -70,12 +72,18 @@ def main(argv: list[str] | None = None) -> None:
         overrides.append(f"run.resume={args.resume}")
     if args.strict:
         overrides.append("run.strict=true")
-    config = load_config(args.config, overrides=overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    # Imported here so that `--help` and config errors come back without loading torch/accelerate.
-    from flamingo_train.train import train
+    try:
+        config = load_config(args.config, overrides=overrides, check_paths=True)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        # Imported here so that `--help` comes back without loading accelerate.
+        from flamingo_train.train import train
 
-    result = train(config)
+        result = train(config)
+    except ValueError as error:
+        # Bad inputs (a config typo, a missing data file, a bad record with --strict) end with one readable line
+        # naming the file and field, and exit code 2, as flamingo-eval's do.
+        print(f"flamingo-train: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
     print(f"final model: {result.final_dir}")
 
 

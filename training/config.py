@@ -6,12 +6,15 @@ Example::
     config = load_config("training/configs/tiny_cpu.yaml", overrides=["run.max_steps=20", "data.0.batch_size=4"])
 
 Each section is a dataclass, so a typo in a YAML key is a ValueError naming the file and the field, not a silently
-ignored setting. A ``data`` entry is addressed in overrides by its index or its ``name`` (``data.coco.loss_weight=2``).
+ignored setting. Values are checked across fields too (optimiser values included), and with ``check_paths=True`` the
+data paths (every file or glob exists, of a kind its format reads), so a bad config fails before any model loads.
+A ``data`` entry is addressed in overrides by its index or its ``name`` (``data.coco.loss_weight=2``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ import yaml
 
 from flamingo.configuration import DTYPES, CrossAttentionConfig, PerceiverConfig
 from flamingo_train.data.config import DataConfig
+from flamingo_train.data.loader import check_paths as check_dataset_paths
 
 
 @dataclass
@@ -142,8 +146,9 @@ SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConf
 OPTIONAL_SECTIONS = {"eval": InLoopEvalConfig}  # absent: None
 
 
-def load_config(path: str | Path, *, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML config, apply ``key.sub=value`` overrides (values parsed as YAML), build and validate it."""
+def load_config(path: str | Path, *, overrides: list[str] = (), check_paths: bool = False) -> TrainConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides (values parsed as YAML), build and validate it; with
+    ``check_paths`` also check that its data files exist (:func:`check_data_paths`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Config file {path} does not exist.")
@@ -155,7 +160,10 @@ def load_config(path: str | Path, *, overrides: list[str] = ()) -> TrainConfig:
         raise ValueError(f"{path} must hold a mapping of sections (model, data, optim, schedule, run, eval).")
     for override in overrides:
         apply_override(raw, override, where=str(path))
-    return config_from_dict(raw, where=str(path))
+    config = config_from_dict(raw, where=str(path))
+    if check_paths:
+        check_data_paths(config, where=str(path))
+    return config
 
 
 def apply_override(raw: dict, override: str, *, where: str = "config") -> None:
@@ -280,8 +288,15 @@ def validate(config: TrainConfig, *, where: str = "config") -> None:
         raise ValueError(f"{where}: schedule.kind must be cosine, linear or constant, got {schedule.kind!r}.")
     if not 0.0 <= schedule.min_lr_ratio <= 1.0 or schedule.warmup_steps < 0:
         raise ValueError(f"{where}: schedule needs 0 <= min_lr_ratio <= 1 and warmup_steps >= 0.")
-    if len(optim.betas) != 2:
-        raise ValueError(f"{where}: optim.betas must be two numbers, got {optim.betas}.")
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ValueError(f"{where}: optim.betas must be two numbers in [0, 1), got {optim.betas}.")
+    # Checked here rather than by torch's AdamW, which would only complain after the model has loaded.
+    if not (optim.lr > 0 and math.isfinite(optim.lr)):
+        raise ValueError(f"{where}: optim.lr must be a finite number > 0, got {optim.lr}.")
+    if not (optim.weight_decay >= 0 and math.isfinite(optim.weight_decay)):
+        raise ValueError(f"{where}: optim.weight_decay must be a finite number >= 0, got {optim.weight_decay}.")
+    if not (optim.eps > 0 and math.isfinite(optim.eps)):
+        raise ValueError(f"{where}: optim.eps must be a finite number > 0, got {optim.eps}.")
     if run.max_steps < 1 or run.grad_accum_steps < 1 or run.log_every < 1 or run.keep_last < 1 or run.save_every < 0:
         raise ValueError(f"{where}: run needs max_steps, grad_accum_steps, log_every, keep_last >= 1, save_every >= 0.")
     if run.mixed_precision not in ("no", "fp16", "bf16"):
@@ -294,6 +309,17 @@ def validate(config: TrainConfig, *, where: str = "config") -> None:
             raise ValueError(f"{where}: data {d.name!r} needs batch_size >= 1 and loss_weight >= 0.")
     if config.eval is not None:
         validate_eval(config.eval, where=where)
+
+
+def check_data_paths(config: TrainConfig, *, where: str = "config") -> None:
+    """Every data entry's files and globs exist and are of a kind its format reads; reads no record. Kept apart from
+    :func:`validate` so that a config (a shipped one) loads on a machine without its data; ``flamingo-train`` and
+    ``train()`` call both before any model loads, so a typo never costs a backbone download first."""
+    for i, d in enumerate(config.data):
+        try:
+            check_dataset_paths(d)
+        except ValueError as error:
+            raise ValueError(f"{where}: data[{i}].path: {error}") from None
 
 
 def validate_eval(config: InLoopEvalConfig, *, where: str = "config") -> None:

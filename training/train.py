@@ -59,7 +59,7 @@ from flamingo_train.checkpoint import (
 )
 from flamingo.configuration import DTYPES
 from flamingo.micro.shipped import resolve_model_path
-from flamingo_train.config import ModelConfig, TrainConfig
+from flamingo_train.config import ModelConfig, TrainConfig, check_data_paths, validate
 from flamingo_train.data.loader import PositionTracker, build_dataloader
 from flamingo_train.export import replace_model_dir
 from flamingo_train.in_loop_eval import InLoopEval, check_eval_data, check_supported
@@ -121,6 +121,9 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train, checkpoint, and export to ``output_dir/final``."""
+    # A config built in Python skipped load_config's checks; a typo must fail before the model downloads and loads.
+    validate(config)
+    check_data_paths(config)
     run = config.run
     output_dir = Path(run.output_dir)
     accelerator = Accelerator(
@@ -196,6 +199,7 @@ def train(config: TrainConfig) -> TrainResult:
     window = _Window(len(names), accelerator.device)
     bar = tqdm(total=run.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     postfix = {}  # the latest loss and eval scores, shown together
+    reported_skipped = 0  # bad records already announced in the log (a resumed run re-announces its total once)
     no_sync_allowed = accelerator.distributed_type != DistributedType.DEEPSPEED  # ZeRO>=2 forbids no_sync
     if run.export_backbones and accelerator.distributed_type == DistributedType.FSDP:
         # The sharded backbones cannot be written by one process; they are unchanged, so refer to them instead.
@@ -273,10 +277,18 @@ def train(config: TrainConfig) -> TrainResult:
                 for reason, count in counter.items():
                     metrics[f"skipped/{name}/{reason}"] = count
             log_metrics(accelerator, output_dir, metrics)
+            total_skipped = sum(v for k, v in metrics.items() if k.startswith("skipped/"))
+            if total_skipped > reported_skipped and accelerator.is_main_process:
+                # Bad records are skipped, not fatal; say so where the run is watched, not only in metrics.jsonl.
+                logger.warning("step %d: %d bad record(s) skipped so far: %s", step, total_skipped,
+                               {k.removeprefix("skipped/"): v for k, v in metrics.items() if k.startswith("skipped/")})
+            reported_skipped = total_skipped
             postfix.update(
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                 tok_s=f"{metrics['tokens_per_s']:.0f}", img_s=f"{metrics['images_per_s']:.1f}",
             )
+            if total_skipped:
+                postfix["skipped"] = total_skipped
             bar.set_postfix(postfix)
         bar.update(1)
 

@@ -173,6 +173,9 @@ def parse_record(record: Any, format: str, root: Path | None) -> Document:
             record = json.loads(record.removeprefix("\ufeff"))
         except json.JSONDecodeError as error:
             raise BadRecord("malformed_json", f"is not valid JSON ({error})") from None
+        except (ValueError, RecursionError) as error:
+            # json's own limits: an integer of over 4300 digits, nesting deeper than the stack
+            raise BadRecord("malformed_json", f"is not decodable JSON ({type(error).__name__}: {error})") from None
     if not isinstance(record, dict):
         raise BadRecord("malformed_record", f"is a JSON {type(record).__name__}, not an object")
     if format == "webdataset":

@@ -1,0 +1,168 @@
+"""Broken files on disk fail with a ValueError that names the file and says what to do, never with a traceback from
+deep inside json, safetensors, huggingface_hub or torch.load. Each test damages one file of a tiny saved model and
+loads it through the public entry points."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+import flamingo
+from models import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_vision, tiny_llama_dir, tmp_path_factory):
+    """A tiny model and processor saved by reference (config.json, model.safetensors, tokenizer, preprocessor)."""
+    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir)
+    directory = tmp_path_factory.mktemp("saved")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def copy_of_saved(saved, tmp_path):
+    """A private copy of ``saved`` that a test may damage."""
+    return shutil.copytree(saved, tmp_path / "model")
+
+
+def _edit_config(directory, **fields):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(fields)
+    path.write_text(json.dumps(config))
+
+
+# ------------------------------------------------------------------------------------------------ config.json
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("cross_attn_every_n_layers", "2", "int"),
+        ("cross_attn_every_n_layers", True, "int"),
+        ("trust_remote_code", "false", "bool"),
+        ("added_token_ids", [1, "2"], "list[int]"),
+        ("lang_model", 3, "str"),
+    ],
+)
+def test_a_config_field_of_the_wrong_type_names_the_file_the_field_and_both_types(
+    field, value, expected, copy_of_saved
+):
+    _edit_config(copy_of_saved, **{field: value})
+    message = f"{copy_of_saved / 'config.json'}: field {field} must be {expected}"
+    with pytest.raises(ValueError, match=re.escape(message) + f".*got {type(value).__name__}"):
+        flamingo.Flamingo.from_pretrained(copy_of_saved)
+
+
+def test_a_nested_config_field_of_the_wrong_type_is_named_with_its_section(copy_of_saved):
+    config = json.loads((copy_of_saved / "config.json").read_text())
+    config["perceiver"]["depth"] = 2.0
+    (copy_of_saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape("field perceiver.depth must be int") + ".*got float"):
+        flamingo.Flamingo.from_pretrained(copy_of_saved)
+
+
+def test_a_config_section_that_is_not_an_object_names_the_file(copy_of_saved):
+    _edit_config(copy_of_saved, perceiver=[2, 4])
+    with pytest.raises(ValueError, match=re.escape(str(copy_of_saved / "config.json"))):
+        flamingo.Flamingo.from_pretrained(copy_of_saved)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def test_a_truncated_weights_file_is_named_and_called_corrupt(copy_of_saved):
+    weights = copy_of_saved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=re.escape(str(weights)) + ".*truncated or corrupt.*save"):
+        flamingo.Flamingo.from_pretrained(copy_of_saved)
+
+
+def test_a_weights_file_cut_inside_its_header_is_named_and_called_corrupt(copy_of_saved):
+    weights = copy_of_saved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(ValueError, match=re.escape(str(weights)) + ".*truncated or corrupt"):
+        flamingo.Flamingo.from_pretrained(copy_of_saved)
+
+
+# ------------------------------------------------------------------------------------------------ backbones
+
+
+def test_a_language_model_folder_that_has_moved_is_named_with_the_field_and_the_fix(
+    tiny_vision, tiny_llama_dir, tmp_path
+):
+    lm_dir = shutil.copytree(tiny_llama_dir, tmp_path / "lm")
+    model, _ = build_tiny_model(tiny_vision, lm_dir)
+    model.save_pretrained(tmp_path / "model")
+    lm_dir.rename(tmp_path / "lm-moved")
+    with pytest.raises(ValueError, match=r"lang_model.*" + re.escape(str(lm_dir.resolve())) + r".*does not exist.*move"):
+        flamingo.Flamingo.from_pretrained(tmp_path / "model")
+
+
+def test_a_vision_weights_file_that_has_moved_is_named_with_the_field(tiny_vision, tiny_llama_dir, tmp_path):
+    weights = shutil.copy(tiny_vision["weights"], tmp_path / "tower.pt")
+    model, _ = build_tiny_model({**tiny_vision, "weights": str(weights)}, tiny_llama_dir)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "tower.pt").unlink()
+    with pytest.raises(ValueError, match=r"vision_pretrained.*" + re.escape(str(weights)) + r".*does not exist"):
+        flamingo.Flamingo.from_pretrained(tmp_path / "model")
+
+
+def test_a_self_contained_save_missing_its_language_model_folder_says_so(tiny_vision, tiny_llama_dir, tmp_path):
+    model, _ = build_tiny_model(tiny_vision, tiny_llama_dir)
+    model.save_pretrained(tmp_path, save_backbones=True)
+    shutil.rmtree(tmp_path / "language_model")
+    with pytest.raises(ValueError, match=r"lang_model.*" + re.escape(str(tmp_path / "language_model"))):
+        flamingo.Flamingo.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ processor
+
+
+def test_a_corrupt_preprocessor_config_names_the_file_line_and_column(copy_of_saved):
+    path = copy_of_saved / "preprocessor_config.json"
+    path.write_text('{\n  "size": [32, 32],\n  "mean": [0.5,\n')
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*line \d+ column \d+"):
+        flamingo.FlamingoProcessor.from_pretrained(copy_of_saved)
+
+
+# ------------------------------------------------------------------------------------------------ OpenFlamingo
+
+
+@pytest.mark.parametrize("content", [b"epoch 3, loss 1.25\n", b"", b"PK\x03\x04 not really a zip"])
+def test_a_file_that_is_not_a_pytorch_checkpoint_is_named(content, tiny_vision, tiny_llama_dir, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*not a PyTorch checkpoint"):
+        flamingo.load_openflamingo(
+            path,
+            vision_encoder=tiny_vision["name"],
+            vision_pretrained=tiny_vision["weights"],
+            lang_model=str(tiny_llama_dir),
+            cross_attn_every_n_layers=2,
+        )
+
+
+def test_a_truncated_safetensors_checkpoint_is_named_and_called_corrupt(tmp_path):
+    from safetensors.torch import save_file
+
+    from flamingo.openflamingo import _load_checkpoint
+
+    path = tmp_path / "checkpoint.safetensors"
+    save_file({"perceiver.latents": torch.zeros(4, 8)}, str(path))
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*truncated or corrupt"):
+        _load_checkpoint(path)
+
+
+def test_a_checkpoint_that_holds_no_state_dict_is_named(tmp_path):
+    from flamingo.openflamingo import _load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*Tensor.*not a state dict"):
+        _load_checkpoint(path)
