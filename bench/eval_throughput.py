@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +28,12 @@ import torch
 
 import flamingo
 from flamingo.testing import TINY_VISION_CONFIG, save_tiny_lm, save_tiny_vision_weights
-from flamingo_eval.classification import _positions, _takes_position_ids, class_log_probs, class_token_ids
+from flamingo_eval.classification import class_log_probs
 from flamingo_eval.runner import EvalConfig, Evaluator, MediaCache
 from flamingo_eval.testing import write_fixture_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.run import per_class_forward as class_scores_full_forward  # noqa: E402  (the suite's baseline)
 
 
 def build_model(work: Path, args):
@@ -76,22 +80,6 @@ def time_trial(model, processor, data_dir: Path, task: str, args, *, media_cache
         evaluator.run()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-@torch.no_grad()
-def class_scores_full_forward(model, tokenizer, *, prompts, media, class_names) -> torch.Tensor:
-    """Baseline: for each class, one forward of (prompt + class name) over the batch; (B, C) mean log-probs."""
-    encoded = tokenizer(prompts, padding="longest", padding_side="left", return_tensors="pt")
-    ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    scores = torch.empty(len(prompts), len(class_names))
-    for j, tokens in enumerate(class_token_ids(tokenizer, class_names)):
-        t = torch.tensor(tokens).expand(len(prompts), -1)
-        full_ids, full_mask = torch.cat([ids, t], 1), torch.cat([mask, torch.ones_like(t)], 1)
-        extra = {"position_ids": _positions(full_mask)} if _takes_position_ids(model.lang_model) else {}
-        logits = model(full_ids, attention_mask=full_mask, media=media, **extra).logits
-        log_probs = logits[:, -len(tokens) - 1 : -1].float().log_softmax(-1)
-        scores[:, j] = log_probs.gather(2, t[:, :, None]).squeeze(-1).mean(1)
-    return scores
 
 
 def best_time(fn, repeats: int) -> float:
