@@ -35,6 +35,7 @@ import yaml
 
 from flamingo.io import atomic_write_text
 from flamingo.micro.world import Scene, make_scene, render, rng_for
+from flamingo_eval.files import read_jsonl
 from flamingo_train.task_data import write_task_records
 
 QUESTION = "what is this?"
@@ -68,28 +69,24 @@ def with_shuffled_images(task: str | Path, out: str | Path, *, seed: int = 0) ->
     """A copy of ``task``'s custom VQA layout whose test questions carry another test question's image (a fixed
     permutation): what is left of the accuracy there is what the model gets without the right image."""
     task, out = Path(task).resolve(), Path(out)
-    records = [json.loads(line) for line in (task / "test.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(task / "test.jsonl")
     images = [str(task / record["image"]) for record in records]
     random.Random(seed).shuffle(images)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "test.jsonl", "".join(json.dumps({**record, "image": image}) + "\n"
                                                   for record, image in zip(records, images)))
-    train = [json.loads(line) for line in (task / "train.jsonl").read_text().splitlines() if line.strip()]
     atomic_write_text(out / "train.jsonl", "".join(json.dumps({**record, "image": str(task / record["image"])}) + "\n"
-                                                   for record in train))
+                                                   for record in read_jsonl(task / "train.jsonl")))
     return out
 
 
 def question_only_accuracy(task: str | Path) -> float:
     """Accuracy (%) on ``task``'s test questions of the most common training answer to the same question text (the
     best a model that ignores the images can do on this data)."""
-    def read(split):
-        return [json.loads(line) for line in (Path(task) / f"{split}.jsonl").read_text().splitlines() if line.strip()]
-
     answers: dict[str, Counter] = {}
-    for record in read("train"):
+    for record in read_jsonl(Path(task) / "train.jsonl"):
         answers.setdefault(record["question"], Counter())[record["answer"]] += 1
-    test = read("test")
+    test = read_jsonl(Path(task) / "test.jsonl")
     hits = sum(record["question"] in answers and answers[record["question"]].most_common(1)[0][0] == record["answer"]
                for record in test)
     return 100.0 * hits / len(test)

@@ -277,11 +277,11 @@ def train(config: TrainConfig) -> TrainResult:
                 for reason, count in counter.items():
                     metrics[f"skipped/{name}/{reason}"] = count
             log_metrics(accelerator, output_dir, metrics)
-            total_skipped = sum(v for k, v in metrics.items() if k.startswith("skipped/"))
+            skipped_so_far = {k.removeprefix("skipped/"): v for k, v in metrics.items() if k.startswith("skipped/")}
+            total_skipped = sum(skipped_so_far.values())
             if total_skipped > reported_skipped and accelerator.is_main_process:
                 # Bad records are skipped, not fatal; say so where the run is watched, not only in metrics.jsonl.
-                logger.warning("step %d: %d bad record(s) skipped so far: %s", step, total_skipped,
-                               {k.removeprefix("skipped/"): v for k, v in metrics.items() if k.startswith("skipped/")})
+                logger.warning("step %d: %d bad record(s) skipped so far: %s", step, total_skipped, skipped_so_far)
             reported_skipped = total_skipped
             postfix.update(
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
