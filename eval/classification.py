@@ -2,8 +2,8 @@
 
 The prompt (demos + query image + "Output:") is the same for every class, so it is run ONCE with a KV cache; the
 class names are then scored against copies of that cache, ``class_batch_size`` classes at a time. The class tokens
-continue from the cache with ``images_before = prefix.images_seen``, so they attend to the query image
-(OpenFlamingo's cached path dropped the images there). :func:`class_log_probs_reference` is the plain computation,
+continue from the cache with the prefix's ``media_state``, so they attend to the query image (OpenFlamingo's cached
+path dropped the images there) through keys/values projected once for the prefix. :func:`class_log_probs_reference` is the plain computation,
 one full forward per (sample, class), kept for the equivalence test and the benchmark.
 
 :func:`candidate_log_probs` is that computation for per-row candidate lists (binding ranks each episode's own
@@ -93,12 +93,12 @@ def candidate_log_probs(
     first_log_probs = prefix.logits[:, -1].float().log_softmax(-1)  # (B, V): predicts each class's first token
     prefix_length = mask.sum(-1)  # (B,)
 
-    images_before = prefix.images_seen
-    if model.config.cross_attention.only_attend_immediate_media and bool((images_before > 0).all()):
-        # The class tokens attend only to the query image (the last one seen): pass just its latents, so the
-        # B * class_batch_size copies below carry one image each, not all k + 1 (33 at 32 shots). Same scores.
-        media = media[torch.arange(batch, device=media.device), images_before.to(media.device) - 1][:, None]
-        images_before = torch.ones_like(images_before)
+    # The images' cross-attention keys/values were projected once, for the prefix; every class batch reuses them.
+    state = prefix.media_state
+    if model.config.cross_attention.only_attend_immediate_media and bool((state.images_seen > 0).all()):
+        # The class tokens attend only to the query image (the last one seen): keep just its latents and keys/values,
+        # so the B * class_batch_size copies below carry one image each, not all k + 1 (33 at 32 shots). Same scores.
+        state = state.last_image_only()
 
     most = max(len(row) for row in candidates)
     padded = [list(row) + [row[-1]] * (most - len(row)) for row in candidates]
@@ -121,9 +121,8 @@ def candidate_log_probs(
         out = model(
             rows_ids,
             attention_mask=attention,
-            media=media.repeat_interleave(c, 0),
             cache=cache,
-            images_before=images_before.repeat_interleave(c),
+            media_state=state.repeat_interleave(c),
             use_cache=True,
             **extra,
         )

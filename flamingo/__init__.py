@@ -6,6 +6,7 @@ causal language model.
 
 from .configuration import CrossAttentionConfig, FlamingoConfig, PerceiverConfig
 from .factory import create_model_and_processor
+from .media_state import MediaState
 from .modeling import Flamingo, FlamingoOutput
 from .openflamingo import load_openflamingo
 from .processing import FlamingoProcessor, add_flamingo_tokens
@@ -16,6 +17,7 @@ __all__ = [
     "FlamingoConfig",
     "FlamingoOutput",
     "FlamingoProcessor",
+    "MediaState",
     "PerceiverConfig",
     "add_flamingo_tokens",
     "create_model_and_processor",

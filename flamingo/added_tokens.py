@@ -159,4 +159,6 @@ class AddedTokenOutputLayer(_MergedTable):
         bias = getattr(self.inner, "bias", None)
         if bias is not None:
             added = added + bias[self.added.token_ids.to(bias.device)]
-        return logits.index_copy(-1, self.added.token_ids.to(logits.device), added.to(logits.dtype))
+        # In place: an out-of-place copy of the whole (b, l, v) logits cost more than the rest of this module, and
+        # the LM's output is a fresh tensor that its backward does not keep.
+        return logits.index_copy_(-1, self.added.token_ids.to(logits.device), added.to(logits.dtype))

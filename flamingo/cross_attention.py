@@ -14,7 +14,7 @@ Axes: b batch, l text tokens, t media, n latents per media, h heads, e head widt
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,39 @@ from .configuration import CrossAttentionConfig
 from .perceiver import FeedForward
 
 
-class MediaMask(NamedTuple):
-    """allowed: (b, 1, l, t * n) bool, True where a text token may attend to a visual token.
-    has_media: (b, l) bool, False for tokens before the sample's first image (their output is zeroed)."""
+@dataclass
+class MediaMask:
+    """allowed: (b, 1, l, t * n) bool, True where a text token may attend to a visual token; None when ``image``
+    is set. has_media: (b, l) bool, False for tokens before the sample's first image (their output is zeroed).
+    image: (b,) the 0-based index of the one image that every token of a row attends to (immediate mode, one token a
+    row: a decoding step), so attention reads that image's ``num_latents`` keys instead of all ``t * n`` under a mask.
 
-    allowed: torch.Tensor
+    One mask serves every block of a forward; what the blocks derive from it (the slab index of ``image``, the
+    zeroing weights) is computed by the first and kept in ``derived``.
+    """
+
+    allowed: torch.Tensor | None
     has_media: torch.Tensor
+    image: torch.Tensor | None = None
+    num_latents: int = 0
+    derived: dict = field(default_factory=dict)
+
+    def media_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """(b, l, 1): 1 for tokens with an image to attend to, 0 for the others, in ``dtype``."""
+        key = ("weight", dtype)
+        if key not in self.derived:
+            self.derived[key] = self.has_media[..., None].to(dtype)
+        return self.derived[key]
+
+    def image_slabs(self, heads: int, num_media: int) -> torch.Tensor:
+        """(b h,): where each (row, head)'s image sits among the (b h t) slabs of (n, e) keys; see _one_image."""
+        key = ("slabs", heads, num_media)
+        if key not in self.derived:
+            b = self.image.shape[0]
+            rows = torch.arange(b, device=self.image.device)[:, None]
+            head = torch.arange(heads, device=self.image.device)
+            self.derived[key] = ((rows * heads + head) * num_media + self.image[:, None]).flatten()
+        return self.derived[key]
 
 
 def media_mask(
@@ -41,6 +68,14 @@ def media_mask(
     media_ok: (b, t) bool, False for an image masked out (``FlamingoConfig.nonfinite_media="mask"``): no token
     attends to it, and a token left with no image to attend to is treated like a token before the first image.
     """
+    if immediate and images_seen.shape[1] == 1 and num_media > 0:
+        # One token a row, attending to image images_seen (1-based) alone: select it instead of masking the rest.
+        image = (images_seen[:, 0] - 1).clamp(min=0)
+        has_media = images_seen > 0
+        if media_ok is not None:
+            rows = torch.arange(images_seen.shape[0], device=images_seen.device)
+            has_media = has_media & media_ok.to(images_seen.device)[rows, image][:, None]
+        return MediaMask(None, has_media, image, num_latents)
     media_index = torch.arange(1, num_media + 1, device=images_seen.device).repeat_interleave(num_latents)
     seen = images_seen[:, None, :, None]
     allowed = seen == media_index if immediate else seen >= media_index
@@ -51,6 +86,18 @@ def media_mask(
         has_media = allowed.any(dim=-1)[:, 0]
     # A row with nothing to attend to would make softmax produce NaN; let it attend anywhere, its output is zeroed.
     return MediaMask(allowed | ~has_media[:, None, :, None], has_media)
+
+
+def _one_image(keys_values: tuple[torch.Tensor, torch.Tensor], mask: MediaMask):
+    """Keys and values (b, h, t * n, e) -> each (b, h, n, e): those of each row's image (``mask.image``).
+
+    One ``index_select`` of contiguous (n, e) slabs: much cheaper than advanced indexing or ``gather`` here.
+    """
+    k, v = keys_values
+    b, h, s, e = k.shape
+    n = mask.num_latents
+    slabs = mask.image_slabs(h, s // n).to(k.device)
+    return tuple(x.view(b * h * (s // n), n, e).index_select(0, slabs).view(b, h, n, e) for x in (k, v))
 
 
 class MaskedCrossAttention(nn.Module):
@@ -72,19 +119,26 @@ class MaskedCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def keys_values(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """media: (b, t, n, d_visual) -> keys, values: each (b, h, t * n, e). Computed once per call and reused."""
+        """media: (b, t, n, d_visual) -> keys, values: each (b, h, t * n, e), contiguous. Computed once per call
+        and reused (or carried to the next call in a :class:`~flamingo.media_state.MediaState`)."""
         kv = self.to_kv(rearrange(media, "b t n d -> b (t n) d").to(self.to_kv.weight.dtype))
         k, v = kv.chunk(2, dim=-1)
-        return tuple(rearrange(x, "b s (h e) -> b h s e", h=self.heads) for x in (k, v))
+        # Contiguous once here, so that every decoding step can select one image's slabs without a copy of all.
+        return tuple(rearrange(x, "b s (h e) -> b h s e", h=self.heads).contiguous() for x in (k, v))
 
     def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], mask: MediaMask) -> torch.Tensor:
         """x: (b, l, d); keys_values from :meth:`keys_values`; mask from :func:`media_mask` -> (b, l, d)."""
         k, v = keys_values
         if k.shape[2] == 0:  # no media at all: nothing to attend to, and SDPA over zero keys is NaN
             return torch.zeros_like(x)
-        q = rearrange(self.to_q(self.norm(x)), "b l (h e) -> b h l e", h=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed)
-        out = rearrange(out, "b h l e -> b l (h e)") * mask.has_media[..., None].to(out.dtype)
+        b, l, _ = x.shape
+        q = self.to_q(self.norm(x)).view(b, l, self.heads, -1).transpose(1, 2)  # (b, h, l, e)
+        if mask.image is not None:
+            k, v = _one_image((k, v), mask)
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed)
+        out = out.transpose(1, 2).reshape(b, l, -1) * mask.media_weight(out.dtype)
         return self.to_out(out)
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from .added_tokens import AddedTokenEmbeddings, AddedTokenInputEmbedding, AddedTokenOutputLayer
 from .cross_attention import GatedCrossAttentionBlock, MediaMask, media_mask
 from .lm_calls import LMCall, read_lm_call
+from .media_state import KeysValues, MediaState
 
 
 class MediaContext:
@@ -40,6 +41,8 @@ class MediaContext:
     prompt_offset: the cache position of ``prompt_ids[:, 0]``: 0 for ``generate`` (its input ids hold the whole
     sequence, cached part included); None for a forward call, whose ids continue whatever its cache holds.
     media_ok: (b, t) bool, False for an image that no token may attend to (non-finite, masked out); None: all may.
+    keys_values, weight_versions: the blocks' media keys/values carried over from an earlier call (a
+    :class:`~flamingo.media_state.MediaState`), used while the block's weights are unchanged.
     """
 
     def __init__(
@@ -51,6 +54,8 @@ class MediaContext:
         images_before: torch.Tensor,
         prompt_offset: int | None,
         media_ok: torch.Tensor | None = None,
+        keys_values: dict[int, KeysValues] | None = None,
+        weight_versions: dict[int, int] | None = None,
     ):
         self.media = media
         self.media_ok = media_ok
@@ -62,12 +67,27 @@ class MediaContext:
         # (b, s): the <image> tokens at or before every token of the call so far (the prompt, then what the LM read).
         self.seen = images_before[:, None] + (prompt_ids == media_token_id).cumsum(dim=1)
         self.images_seen: torch.Tensor | None = None  # (b, l) for the LM forward in progress
-        self._keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._keys_values: dict[int, KeysValues] = dict(keys_values or {})
+        self._weight_versions: dict[int, int] = dict(weight_versions or {})
         self._masks: dict[tuple[bool, torch.device], MediaMask] = {}  # per forward, shared by all blocks
 
     @property
     def batch_size(self) -> int:
         return self.prompt_ids.shape[0]
+
+    @classmethod
+    def continuing(
+        cls, state: MediaState, blocks: Mapping[int, GatedCrossAttentionBlock], media_token_id: int, prompt_ids: torch.Tensor
+    ) -> MediaContext:
+        """A forward call that continues the call ``state`` came from (its KV cache): same media, same keys/values."""
+        return cls(
+            state.media, blocks, media_token_id, prompt_ids, state.images_seen.to(prompt_ids.device), None,
+            state.media_ok, state.keys_values, state.weight_versions,
+        )
+
+    def state(self) -> MediaState:
+        """What a later call continuing this one's KV cache needs: the media, their keys/values and the image count."""
+        return MediaState(self.media, self.seen[:, -1], self.media_ok, dict(self._keys_values), dict(self._weight_versions))
 
     def expanded(self, copies: int) -> MediaContext:
         """This context for a batch where each sample is repeated ``copies`` times in a row (``repeat_interleave``),
@@ -115,14 +135,17 @@ class MediaContext:
         self._masks.clear()
 
     def cross_attend(self, index: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Run block ``index`` on (b, l, d) hidden states; its media keys/values are computed once per call."""
+        """Run block ``index`` on (b, l, d) hidden states; its media keys/values are computed once per call (or
+        carried in from an earlier call), and again only if the block's key/value weights changed meanwhile."""
         if self.images_seen is None:
             raise RuntimeError("A fused decoder layer ran before the language model's forward began.")
         block = self.blocks[index]
         kv = self._keys_values.get(index)
-        if kv is None:
+        version = block.attn.to_kv.weight._version  # bumped by every in-place update, e.g. an optimiser step
+        if kv is None or self._weight_versions.get(index) != version:
             kv = block.attn.keys_values(self.media.to(hidden_states.device))
             self._keys_values[index] = kv
+            self._weight_versions[index] = version
         key = (block.attn.immediate, hidden_states.device)
         mask = self._masks.get(key)
         if mask is None:

@@ -14,21 +14,22 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import LogitsProcessorList, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .added_tokens import AddedTokenEmbeddings
 from .configuration import FlamingoConfig
 from .cross_attention import GatedCrossAttentionBlock
+from .generation import BanTokens, copies_per_sample, generated_length
 from .lm_calls import cache_keyword, cache_length, output_cache
 from .lm_fusion import LanguageModelFusion, MediaContext, MediaSlot, find_decoder_layers
+from .media_state import MediaState
 from .micro.shipped import resolve_model_path
 from .perceiver import PerceiverResampler
 from .processing import MEDIA_TOKEN
@@ -43,8 +44,10 @@ class FlamingoOutput(ModelOutput):
     """The output of :meth:`Flamingo.forward`.
 
     loss: scalar, if labels were given. logits: (b, l, vocab). cache: the LM's KV cache (a ``transformers.Cache``),
-    if ``use_cache``. images_seen: (b,) the ``<image>`` tokens seen up to the end of the input; pass it back as
-    ``images_before`` together with ``cache`` to continue. hidden_states, attentions: as the LM returns them.
+    if ``use_cache``. media_state: with a cache, the encoded images and their cross-attention keys/values; pass it
+    back with ``cache`` to continue without encoding or projecting the images again. images_seen: (b,) the
+    ``<image>`` tokens seen up to the end of the input (also in ``media_state``; pass it back as ``images_before``
+    when continuing with ``pixel_values`` or ``media`` instead). hidden_states, attentions: as the LM returns them.
     """
 
     loss: torch.Tensor | None = None
@@ -53,6 +56,7 @@ class FlamingoOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     images_seen: torch.LongTensor | None = None
+    media_state: MediaState | None = None
 
     @property
     def past_key_values(self):
@@ -69,23 +73,6 @@ def _renamed(value, old_value, *, new: str, old: str, where: str):
         raise ValueError(f"Give {new} or its deprecated name {old}, not both.")
     warnings.warn(f"{where}({old}=...) is deprecated; pass {new}=.", FutureWarning, stacklevel=3)
     return old_value
-
-
-def copies_per_sample(lang_model: PreTrainedModel, generation_kwargs: dict) -> int:
-    """How many rows ``generate`` runs for each input sample: ``max(num_beams, num_return_sequences)``.
-
-    transformers repeats every sample that many times in a row (``repeat_interleave``) before the first forward;
-    the media must follow. The settings are merged as ``generate`` merges them: the given ``generation_config`` (or
-    the LM's own), updated by the keyword arguments. The first LM forward checks the result against the prompt.
-    """
-    config = _generation_config(lang_model, generation_kwargs)
-    return max(int(config.num_beams or 1), int(config.num_return_sequences or 1))
-
-
-def _generation_config(lang_model: PreTrainedModel, generation_kwargs: dict):
-    config = copy.deepcopy(generation_kwargs.get("generation_config") or lang_model.generation_config)
-    config.update(**{k: v for k, v in generation_kwargs.items() if k != "generation_config"})
-    return config
 
 
 def context_length(lang_model: PreTrainedModel) -> tuple[str, int] | None:
@@ -108,20 +95,6 @@ def context_length(lang_model: PreTrainedModel) -> tuple[str, int] | None:
 def _first_true(mask: torch.Tensor) -> list[int]:
     """The index of the first True entry of a bool tensor known to hold one."""
     return mask.nonzero()[0].tolist()
-
-
-def generated_length(lang_model: PreTrainedModel, generation_kwargs: dict, prompt_length: int) -> int:
-    """The longest sequence ``generate`` may reach: prompt + ``max_new_tokens``, or ``max_length`` when given here.
-
-    A ``max_length`` that only the LM's own generation config sets is not counted: some ship one longer than their
-    context, and generation usually stops at an end token long before.
-    """
-    config = _generation_config(lang_model, generation_kwargs)
-    if config.max_new_tokens is not None:
-        return prompt_length + int(config.max_new_tokens)
-    if generation_kwargs.get("max_length") is not None:
-        return max(prompt_length, int(generation_kwargs["max_length"]))
-    return prompt_length
 
 
 class Flamingo(nn.Module):
@@ -353,6 +326,7 @@ class Flamingo(nn.Module):
         use_cache: bool | None = None,
         media: torch.Tensor | None = None,
         images_before: torch.LongTensor | None = None,
+        media_state: MediaState | None = None,
         past_key_values=None,
         **lang_model_kwargs,
     ) -> FlamingoOutput:
@@ -360,8 +334,9 @@ class Flamingo(nn.Module):
 
         input_ids, attention_mask, labels: (b, l). pixel_values: (b, t, f, c, h, w) or (b, t, c, h, w), or give
         ``media`` (b, t, n, d) from :meth:`encode_media` to reuse encoded images. To continue from a KV cache, give
-        the previous output's ``cache`` and its ``images_seen`` as ``images_before`` (b,). ``past_key_values`` is
-        the deprecated name of ``cache``.
+        the previous output's ``cache`` and its ``media_state`` (the fast way: the images' cross-attention
+        keys/values are reused, see :mod:`flamingo.media_state`), or its ``images_seen`` as ``images_before`` (b,)
+        with the images again. ``past_key_values`` is the deprecated name of ``cache``.
 
         Bad input raises a ValueError: token ids outside the vocabulary, an empty batch, more tokens (cache
         included) than the LM's context, pixels that are not normalised floats at the tower's image size, labels
@@ -369,9 +344,15 @@ class Flamingo(nn.Module):
         """
         cache = _renamed(cache, past_key_values, new="cache", old="past_key_values", where="Flamingo.forward")
         past = 0 if cache is None else cache_length(cache)
-        if cache is not None and images_before is None and past > 0:
-            raise ValueError("Continuing from a cache needs images_before (the previous output's images_seen).")
-        context = self._media_context(input_ids, pixel_values, media, images_before, prompt_offset=None)
+        if media_state is not None:
+            context = self._continued_context(input_ids, media_state, pixel_values, media, images_before)
+        else:
+            if cache is not None and images_before is None and past > 0:
+                raise ValueError(
+                    "Continuing from a cache needs the previous output's media_state (or its images_seen as "
+                    "images_before, with the images again)."
+                )
+            context = self._media_context(input_ids, pixel_values, media, images_before, prompt_offset=None)
         self._check_length(past + input_ids.shape[1], f"The input ({past} cached + {input_ids.shape[1]} new tokens)")
         if labels is not None:
             self._check_labels(labels, input_ids)
@@ -386,14 +367,47 @@ class Flamingo(nn.Module):
                 return_dict=True,
                 **lang_model_kwargs,
             )
+        new_cache = output_cache(out)
         return FlamingoOutput(
             loss=out.loss,
             logits=out.logits,
-            cache=output_cache(out),
+            cache=new_cache,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             images_seen=context.seen[:, -1],
+            media_state=None if new_cache is None else context.state(),
         )
+
+    def _continued_context(
+        self,
+        input_ids: torch.Tensor,
+        state: MediaState,
+        pixel_values: torch.Tensor | None,
+        media: torch.Tensor | None,
+        images_before: torch.Tensor | None,
+    ) -> MediaContext:
+        """The context of a call continuing the one ``state`` came from; its media were checked when encoded."""
+        self._check_fused()
+        if not isinstance(state, MediaState):
+            raise ValueError(f"media_state must be a previous output's media_state; got {type(state).__name__}.")
+        given = [name for name, value in (("pixel_values", pixel_values), ("media", media),
+                                          ("images_before", images_before)) if value is not None]
+        if given:
+            raise ValueError(f"media_state already holds the images and their count; do not also pass {', '.join(given)}.")
+        self._check_input_ids(input_ids)
+        if state.batch_size != input_ids.shape[0]:
+            raise ValueError(
+                f"media_state is for {state.batch_size} samples but input_ids has {input_ids.shape[0]}; after "
+                "reordering or repeating the cache, do the same to the state (MediaState.select / repeat_interleave)."
+            )
+        mentioned = state.images_seen.to(input_ids.device) + (input_ids == self.config.media_token_id).sum(dim=1)
+        if int(mentioned.max()) > state.media.shape[1]:
+            raise ValueError(
+                f"The text has {int(mentioned.max())} {MEDIA_TOKEN} token(s) in a sample but media_state holds only "
+                f"{state.media.shape[1]} image(s) per sample; a new image needs pixel_values (without media_state)."
+            )
+        blocks = {int(i): block for i, block in self.cross_attn_blocks.items()}
+        return MediaContext.continuing(state, blocks, self.config.media_token_id, input_ids)
 
     @torch.no_grad()
     def generate(
@@ -425,8 +439,9 @@ class Flamingo(nn.Module):
             generation_kwargs[self._cache_keyword] = cache
         generation_kwargs.setdefault("eos_token_id", self.config.end_of_chunk_token_id)
         generation_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
-        suppress = set(generation_kwargs.pop("suppress_tokens", None) or []) | {self.config.media_token_id}
-        generation_kwargs["suppress_tokens"] = sorted(suppress)
+        processors = LogitsProcessorList(generation_kwargs.pop("logits_processor", None) or [])
+        processors.append(BanTokens([self.config.media_token_id]))
+        generation_kwargs["logits_processor"] = processors
         context = self._media_context(input_ids, pixel_values, media, None, prompt_offset=0)
         self._check_length(generated_length(self.lang_model, generation_kwargs, input_ids.shape[1]),
                            f"The prompt ({input_ids.shape[1]} tokens) plus the tokens to generate")

@@ -19,6 +19,7 @@ import torch
 from eval_helpers import TASKS_WITH_FILES, read_predictions, save_tiny_eval_model, trial_values
 from models import build_tiny_model
 
+from flamingo.cross_attention import MaskedCrossAttention
 from flamingo.testing import random_images
 from flamingo_eval.classification import class_log_probs, class_log_probs_reference
 from flamingo_eval.cli import build_parser, config_from_args, main
@@ -239,7 +240,9 @@ def test_prefix_cached_class_scores_equal_a_full_forward_per_class(tiny_vision, 
 
 
 @pytest.mark.parametrize("immediate", [True, False])
-def test_class_chunks_carry_only_the_query_image_when_tokens_attend_to_it_alone(tiny_vision, tiny_lm_dir, immediate):
+def test_class_chunks_carry_only_the_query_image_when_tokens_attend_to_it_alone(
+    tiny_vision, tiny_lm_dir, immediate, monkeypatch
+):
     # 1000 classes at 32 shots: every (sample, class) row once carried all 33 images' latents through the blocks.
     model, processor = build_tiny_model(tiny_vision, tiny_lm_dir("llama"), immediate=immediate)
     a, b, c = random_images(3, seed=4)
@@ -247,14 +250,23 @@ def test_class_chunks_carry_only_the_query_image_when_tokens_attend_to_it_alone(
     images = [[a, b], [c]]
     media = model.encode_media(processor.preprocess_images(images))
     names = ["tench", "goldfish", "great white shark"]
-    slots = []
-    forward = model.forward
-    model.forward = lambda *args, **kw: slots.append(kw["media"].shape[1]) or forward(*args, **kw)
-    try:
-        cached = class_log_probs(model, processor.tokenizer, prompts=prompts, media=media, class_names=names)
-    finally:
-        del model.forward
-    assert slots == [2, 1 if immediate else 2]  # the prompt, then the class chunk
+    slots, projections = [], []
+    forward, keys_values = model.forward, MaskedCrossAttention.keys_values
+
+    def recorded_forward(*args, **kw):
+        state = kw.get("media_state")
+        slots.append(kw["media"].shape[1] if state is None else state.media.shape[1])
+        return forward(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", recorded_forward)
+    monkeypatch.setattr(
+        MaskedCrossAttention, "keys_values", lambda attn, media: projections.append(media.shape) or keys_values(attn, media)
+    )
+    cached = class_log_probs(model, processor.tokenizer, prompts=prompts, media=media, class_names=names, class_batch_size=1)
+    monkeypatch.undo()
+    # The images' keys/values are projected once per block, for the prompt; the 3 class chunks reuse them.
+    assert len(projections) == len(model.cross_attn_blocks)
+    assert slots == [2] + [1 if immediate else 2] * 3  # the prompt, then the class chunks
     plain = class_log_probs_reference(model, processor, prompts=prompts, images=images, class_names=names)
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
 

@@ -26,22 +26,26 @@ def _batch(processor):
     )
 
 
+def greedy_step(model, logits, ids, mask, finished):
+    """The greedy next token from (b, vocab) logits, never <image>, pad for finished rows; returns the grown ids and
+    mask, the token (b,) and the updated finished flags (a row finishes at <|endofchunk|>)."""
+    logits[:, model.config.media_token_id] = -float("inf")
+    token = torch.where(finished, model.config.pad_token_id, logits.argmax(dim=-1))
+    ids = torch.cat([ids, token[:, None]], dim=1)
+    mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
+    return ids, mask, token, finished | (token == model.config.end_of_chunk_token_id)
+
+
 def _greedy_without_cache(model, batch, steps):
     """Plain greedy decoding: one full forward over the whole sequence per step, no KV cache, no generate()."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
-    pad, eoc = model.config.pad_token_id, model.config.end_of_chunk_token_id
     takes_positions = "position_ids" in inspect.signature(model.lang_model.forward).parameters
     for _ in range(steps):
         # Left padding must not shift the positions of real tokens (GPT-2's are absolute), as in generate().
         positions = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if takes_positions else {}
         out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], **positions)
-        logits = out.logits[:, -1]
-        logits[:, model.config.media_token_id] = -float("inf")
-        token = torch.where(finished, pad, logits.argmax(dim=-1))
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
-        finished |= token == eoc
+        ids, mask, _, finished = greedy_step(model, out.logits[:, -1], ids, mask, finished)
         if finished.all():
             break
     return ids

@@ -42,17 +42,22 @@ def test_perceiver_equals_the_written_out_computation():
     torch.testing.assert_close(resampler(features), expected, rtol=1e-5, atol=1e-5)
 
 
+# Images at or before each token: a prompt (l = 7), and decoding steps (l = 1, which selects each row's one image).
+SEEN = [[[0, 1, 1, 2, 2, 3, 3], [0, 0, 1, 1, 1, 1, 1]], [[2], [0]], [[3], [1]], [[1], [2]]]
+
+
+@pytest.mark.parametrize("seen", SEEN, ids=["prompt", "step-2-0", "step-3-1", "step-1-2"])
 @pytest.mark.parametrize("immediate", [True, False])
-def test_masked_cross_attention_equals_the_written_out_computation(immediate):
+def test_masked_cross_attention_equals_the_written_out_computation(immediate, seen):
     torch.manual_seed(0)
     config = flamingo.CrossAttentionConfig(heads=2, dim_head=8, only_attend_immediate_media=immediate)
     block = GatedCrossAttentionBlock(12, 16, config)
     with torch.no_grad():
         block.attn_gate.fill_(0.7)
         block.ff_gate.fill_(-0.3)
-    b, l, t, n = 2, 7, 3, 4
+    seen = torch.tensor(seen)
+    b, l, t, n = *seen.shape, 3, 4
     x, media = torch.randn(b, l, 12), torch.randn(b, t, n, 16)
-    seen = torch.tensor([[0, 1, 1, 2, 2, 3, 3], [0, 0, 1, 1, 1, 1, 1]])
 
     attn = block.attn
     q = _split_heads(attn.to_q(attn.norm(x)), 2)
@@ -73,6 +78,21 @@ def test_masked_cross_attention_equals_the_written_out_computation(immediate):
     expected = hidden + torch.tanh(torch.tensor(-0.3)) * block.ff(hidden)
 
     torch.testing.assert_close(block(x, attn.keys_values(media), media_mask(seen, t, n, immediate)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoding_step_that_selects_its_image_equals_the_masked_path_with_masked_out_images():
+    torch.manual_seed(0)
+    attn = GatedCrossAttentionBlock(12, 16, flamingo.CrossAttentionConfig(heads=2, dim_head=8)).attn
+    t, n = 3, 4
+    seen = torch.tensor([[2, 2], [1, 1], [0, 0], [3, 3]])  # two tokens a row, each row on one image
+    media_ok = torch.tensor([[True, True, True], [False, True, True], [True, True, True], [True, True, False]])
+    x, media = torch.randn(4, 2, 12), torch.randn(4, t, n, 16)
+    kv = attn.keys_values(media)
+    prompt_mask, step_mask = media_mask(seen, t, n, True, media_ok), media_mask(seen[:, 1:], t, n, True, media_ok)
+    assert prompt_mask.image is None and step_mask.image is not None  # the two paths really differ
+    both, step = attn(x, kv, prompt_mask), attn(x[:, 1:], kv, step_mask)
+    torch.testing.assert_close(step, both[:, 1:], rtol=1e-6, atol=1e-6)
+    assert step[[0]].abs().sum() > 0 and torch.equal(step[1:], torch.zeros_like(step[1:]))  # masked-out or none
 
 
 def test_single_images_may_be_given_without_a_frame_axis(tiny_vision, tiny_llama_dir):
