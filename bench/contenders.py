@@ -59,6 +59,9 @@ CONFIGS = {
     "micro": BenchConfig("micro", images=3, batch=4, prompt_tokens=48, new_tokens=16, classes=(10, 1000)),
     "tiny": BenchConfig("tiny", images=2, batch=2, prompt_tokens=24, new_tokens=4, classes=(10,), every=2,
                         episode_queries=3, episode_shots=2),
+    # The gpu config's dtype handling, on CPU (CI runs it: the gpu config itself cannot run there).
+    "tiny-bf16": BenchConfig("tiny-bf16", images=2, batch=2, prompt_tokens=24, new_tokens=4, classes=(10,), every=2,
+                             episode_queries=3, episode_shots=2, dtype="bfloat16"),
     # For an accelerator: a 1B Llama-shape LM with ViT-L/14, bf16, cross-attention every 4th layer.
     "gpu": BenchConfig(
         "gpu", images=3, batch=8, prompt_tokens=256, new_tokens=32, classes=(10, 1000), every=4,
@@ -152,7 +155,7 @@ def _prompt_batch(processor, config: BenchConfig) -> dict:
 def prepare_backbones(config: BenchConfig, work: Path) -> dict:
     """Write (or find) the backbones and the reference checkpoint; returns the ``setup.json`` record."""
     record_path = work / "setup.json"
-    if config.name == "tiny":
+    if config.name.startswith("tiny"):
         register_tiny_vision_config()  # open_clip knows the tiny tower only once registered, in every process
     if record_path.exists():
         return json.loads(record_path.read_text())
@@ -161,7 +164,7 @@ def prepare_backbones(config: BenchConfig, work: Path) -> dict:
 
         record = {"vision": None, "lm_dir": str(MICRO_MODEL_DIR / "language_model")}
     else:
-        if config.name == "tiny":
+        if config.name.startswith("tiny"):
             name = register_tiny_vision_config()
             vision = {"name": name, "weights": save_tiny_vision_weights(name, work / "vision.pt")}
             lm_dir = save_tiny_lm(work / "lm", "llama")

@@ -12,6 +12,12 @@ from .contenders import BARE, OURS, REFERENCE, Setup
 from .measure import Row, count_flops, interleaved, peak_memory_of_training, profile_breakdown, rows_for
 
 
+def reference_pixels(reference, pixels: torch.Tensor) -> torch.Tensor:
+    """The pixels in the reference's own dtype: OpenFlamingo casts its whole model (bf16 configs), ours keeps its
+    trainable modules in float32 and casts for the frozen tower itself."""
+    return pixels.to(next(reference.parameters()).dtype)
+
+
 def _models(setup: Setup) -> list[torch.nn.Module]:
     return [m for m in (setup.bare, setup.reference, setup.ours) if m is not None]
 
@@ -26,10 +32,11 @@ def case_prefill(setup: Setup, repeats: int) -> list[Row]:
     vision = {OURS: lambda: ours.encode_media(pixels)}
     lm = {BARE: bare, OURS: lambda: ours(ids, media=media, attention_mask=mask, use_cache=True)}
     if ref is not None:
-        whole[REFERENCE] = lambda: ref(vision_x=pixels, lang_x=ids, attention_mask=mask, use_cache=True)
+        ref_pixels = reference_pixels(ref, pixels)
+        whole[REFERENCE] = lambda: ref(vision_x=ref_pixels, lang_x=ids, attention_mask=mask, use_cache=True)
 
         def ref_vision():
-            ref._encode_vision_x(vision_x=pixels)
+            ref._encode_vision_x(vision_x=ref_pixels)
             ref.lang_encoder.clear_conditioned_layers()
 
         def ref_lm():
@@ -45,7 +52,7 @@ def case_prefill(setup: Setup, repeats: int) -> list[Row]:
     v = interleaved(vision, repeats, sync)
     rows += [Row("prefill: vision + perceiver", k, s, None, None, "ratio n/a: the bare LM has no vision") for k, s in v.items()]
     if ref is not None:
-        ref.cache_media(input_ids=ids, vision_x=pixels)
+        ref.cache_media(input_ids=ids, vision_x=ref_pixels)
     try:
         rows += rows_for("prefill: LM + cross-attn", interleaved(lm, repeats, sync),
                          {k: count_flops(f, models) for k, f in lm.items()})
@@ -119,7 +126,8 @@ def case_decode(setup: Setup, repeats: int) -> list[Row]:
     def ref_first():
         # OpenFlamingo's own cache handling (what its generate does): after the prompt, mark the media as cached, so
         # that the new tokens (no <image> among them) attend to the last image; the LM's KV cache is passed back.
-        out = ref(vision_x=pixels, lang_x=ids, attention_mask=mask, use_cache=True, clear_conditioned_layers=False)
+        out = ref(vision_x=reference_pixels(ref, pixels), lang_x=ids, attention_mask=mask, use_cache=True,
+                  clear_conditioned_layers=False)
         ref.lang_encoder._use_cached_vision_x = True
         return out
 
@@ -205,7 +213,8 @@ def training_loss(which: str, model, batch: dict):
         return (lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss), list(model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
     if which == REFERENCE:
-        return (lambda: model(vision_x=pixels, lang_x=ids, attention_mask=mask, labels=labels)[0]), params
+        ref_pixels = reference_pixels(model, pixels)
+        return (lambda: model(vision_x=ref_pixels, lang_x=ids, attention_mask=mask, labels=labels)[0]), params
     return (lambda: model(ids, pixel_values=pixels, attention_mask=mask, labels=labels).loss), params
 
 

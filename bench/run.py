@@ -16,7 +16,8 @@ measured. Results go to ``bench/RESULTS.md`` (``--out`` elsewhere), with the iss
 Configs (``bench.contenders.CONFIGS``): ``small`` (Llama-style LM, 8 layers, width 512, 32k vocab; open_clip
 ViT-B-32 at 224 px; all random; 3 images a sample, batch 4, 96-token prompt, cross-attention before every layer),
 ``micro`` (the shipped model; the reference cannot take its perceiver, so it has no OpenFlamingo rows), ``gpu``
-(1B Llama shape, ViT-L-14, bf16, CUDA) and ``tiny`` (the test backbones).
+(1B Llama shape, ViT-L-14, bf16, CUDA), ``tiny`` (the test backbones) and ``tiny-bf16`` (the same in bf16: the gpu
+config's dtype handling, checked on CPU).
 Cases: ``prefill`` (whole, and split into vision+perceiver / LM+cross-attention), ``decode`` (per token, with the KV
 cache, via ``generate`` and via a hand-written loop passing ``cache`` and ``media_state`` back), ``train`` (forward
 + backward + AdamW, tokens/s; peak memory of each contender trained alone), ``generate`` (VQA-style, samples/s),

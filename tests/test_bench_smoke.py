@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -15,9 +17,10 @@ from bench.contenders import BARE, OURS, REFERENCE  # noqa: E402
 from bench.run import CASES, run  # noqa: E402
 
 
-def test_tiny_suite_runs_every_case_and_writes_the_table(tmp_path):
+@pytest.mark.parametrize("config", ["tiny", "tiny-bf16"])  # tiny-bf16: the gpu config's dtype handling, on CPU
+def test_tiny_suite_runs_every_case_and_writes_the_table(tmp_path, config):
     out = tmp_path / "RESULTS.md"
-    rows, text = run(["tiny"], repeats=1, cases=CASES, out=out)
+    rows, text = run([config], repeats=1, cases=CASES, out=out)
     assert out.read_text() == text
     timed = [r for r in rows if not r.note.startswith("not run")]
     assert {r.contender.split(",")[0] for r in timed} == {BARE, OURS, REFERENCE}
