@@ -3,8 +3,8 @@
 The prompt (demos + query image + "Output:") is the same for every class, so it is run ONCE with a KV cache; the
 class names are then scored against copies of that cache, ``class_batch_size`` classes at a time. The class tokens
 continue from the cache with the prefix's ``media_state``, so they attend to the query image (OpenFlamingo's cached
-path dropped the images there) through keys/values projected once for the prefix. :func:`class_log_probs_reference` is the plain computation,
-one full forward per (sample, class), kept for the equivalence test and the benchmark.
+path dropped the images there) through keys/values projected once for the prefix. :func:`class_log_probs_reference`
+is the plain computation, one full forward per (sample, class), kept for the equivalence test and the benchmark.
 
 :func:`candidate_log_probs` is that computation for per-row candidate lists (binding ranks each episode's own
 words, tokenized in context by :func:`continuation_token_ids`); :func:`class_log_probs` is it with the same class

@@ -50,14 +50,29 @@ class MediaMask:
         return self.derived[key]
 
     def image_slabs(self, heads: int, num_media: int) -> torch.Tensor:
-        """(b h,): where each (row, head)'s image sits among the (b h t) slabs of (n, e) keys; see _one_image."""
+        """:func:`image_slabs` of ``image``, computed once for all the blocks."""
         key = ("slabs", heads, num_media)
         if key not in self.derived:
-            b = self.image.shape[0]
-            rows = torch.arange(b, device=self.image.device)[:, None]
-            head = torch.arange(heads, device=self.image.device)
-            self.derived[key] = ((rows * heads + head) * num_media + self.image[:, None]).flatten()
+            self.derived[key] = image_slabs(self.image, heads, num_media)
         return self.derived[key]
+
+
+def image_slabs(image: torch.Tensor, heads: int, num_media: int) -> torch.Tensor:
+    """image (b,) 0-based -> (b h,): where each (row, head)'s image sits among the (b h t) slabs of (n, e) keys."""
+    rows = torch.arange(image.shape[0], device=image.device)[:, None]
+    head = torch.arange(heads, device=image.device)
+    return ((rows * heads + head) * num_media + image[:, None]).flatten()
+
+
+def select_image(keys_values: tuple[torch.Tensor, torch.Tensor], slabs: torch.Tensor, num_latents: int):
+    """Contiguous keys and values (b, h, t * n, e) -> each (b, h, n, e): the image that ``slabs`` (from
+    :func:`image_slabs`) picks for each row. One ``index_select`` of (n, e) slabs: much cheaper than advanced
+    indexing or ``gather`` here."""
+    k, _ = keys_values
+    b, h, s, e = k.shape
+    slabs = slabs.to(k.device)
+    return tuple(x.view(b * h * (s // num_latents), num_latents, e).index_select(0, slabs).view(b, h, num_latents, e)
+                 for x in keys_values)
 
 
 def media_mask(
@@ -86,18 +101,6 @@ def media_mask(
         has_media = allowed.any(dim=-1)[:, 0]
     # A row with nothing to attend to would make softmax produce NaN; let it attend anywhere, its output is zeroed.
     return MediaMask(allowed | ~has_media[:, None, :, None], has_media)
-
-
-def _one_image(keys_values: tuple[torch.Tensor, torch.Tensor], mask: MediaMask):
-    """Keys and values (b, h, t * n, e) -> each (b, h, n, e): those of each row's image (``mask.image``).
-
-    One ``index_select`` of contiguous (n, e) slabs: much cheaper than advanced indexing or ``gather`` here.
-    """
-    k, v = keys_values
-    b, h, s, e = k.shape
-    n = mask.num_latents
-    slabs = mask.image_slabs(h, s // n).to(k.device)
-    return tuple(x.view(b * h * (s // n), n, e).index_select(0, slabs).view(b, h, n, e) for x in (k, v))
 
 
 class MaskedCrossAttention(nn.Module):
@@ -134,7 +137,7 @@ class MaskedCrossAttention(nn.Module):
         b, l, _ = x.shape
         q = self.to_q(self.norm(x)).view(b, l, self.heads, -1).transpose(1, 2)  # (b, h, l, e)
         if mask.image is not None:
-            k, v = _one_image((k, v), mask)
+            k, v = select_image((k, v), mask.image_slabs(self.heads, k.shape[2] // mask.num_latents), mask.num_latents)
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed)

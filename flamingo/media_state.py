@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from .cross_attention import image_slabs, select_image
+
 KeysValues = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -73,17 +75,12 @@ class MediaState:
             raise ValueError("last_image_only needs every sample to have seen an image.")
         rows = torch.arange(self.batch_size, device=self.media.device)
         last = self.images_seen.to(self.media.device) - 1  # (b,)
-        n = self.media.shape[2]
-        latent_index = last[:, None] * n + torch.arange(n, device=last.device)  # (b, n) positions in t * n
-
-        def slice_kv(x: torch.Tensor) -> torch.Tensor:  # (b, h, t n, e) -> (b, h, n, e)
-            index = latent_index.to(x.device)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
-            return x.gather(2, index)
-
+        t, n = self.media.shape[1:3]
         return replace(
             self,
             media=self.media[rows, last][:, None],
             images_seen=torch.ones_like(self.images_seen),
             media_ok=None if self.media_ok is None else self.media_ok[rows.to(self.media_ok.device), last][:, None],
-            keys_values={i: (slice_kv(k), slice_kv(v)) for i, (k, v) in self.keys_values.items()},
+            keys_values={i: select_image(kv, image_slabs(last, kv[0].shape[1], t), n)
+                         for i, kv in self.keys_values.items()},
         )

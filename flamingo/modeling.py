@@ -231,23 +231,28 @@ class Flamingo(nn.Module):
         if images_before is None:
             images_before = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         images_before = images_before.to(input_ids.device)
-        mentioned = images_before + (input_ids == self.config.media_token_id).sum(dim=1)
-        available = 0 if media is None else media.shape[1]
         if media is not None and media.shape[0] != input_ids.shape[0]:
             raise ValueError(f"pixel_values has batch size {media.shape[0]} but input_ids has {input_ids.shape[0]}.")
-        if int(mentioned.max()) > available:
+        mentioned, available = self._images_mentioned(input_ids, images_before), 0 if media is None else media.shape[1]
+        if mentioned > available:
             raise ValueError(
-                f"The text has {int(mentioned.max())} {MEDIA_TOKEN} token(s) in a sample but only "
-                f"{available} image(s) per sample were given."
+                f"The text has {mentioned} {MEDIA_TOKEN} token(s) in a sample but only {available} image(s) per sample "
+                "were given."
             )
         if media is None:
             # Text only: the blocks still run (their feed-forward branch applies to every token, as in the paper),
             # so a text's logits do not depend on whether unrelated images were passed along.
             media = self.perceiver.latents.new_zeros(input_ids.shape[0], 0, *self.perceiver.latents.shape)
-        blocks = {int(i): block for i, block in self.cross_attn_blocks.items()}
         return MediaContext(
-            media, blocks, self.config.media_token_id, input_ids, images_before, prompt_offset, media_ok
+            media, self._blocks_by_index(), self.config.media_token_id, input_ids, images_before, prompt_offset, media_ok
         )
+
+    def _blocks_by_index(self) -> dict[int, GatedCrossAttentionBlock]:
+        return {int(i): block for i, block in self.cross_attn_blocks.items()}
+
+    def _images_mentioned(self, input_ids: torch.Tensor, images_before: torch.Tensor) -> int:
+        """The most ``<image>`` tokens any sample's text has so far: ``images_before`` (b,) plus those in input_ids."""
+        return int((images_before.to(input_ids.device) + (input_ids == self.config.media_token_id).sum(dim=1)).max())
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
@@ -400,14 +405,13 @@ class Flamingo(nn.Module):
                 f"media_state is for {state.batch_size} samples but input_ids has {input_ids.shape[0]}; after "
                 "reordering or repeating the cache, do the same to the state (MediaState.select / repeat_interleave)."
             )
-        mentioned = state.images_seen.to(input_ids.device) + (input_ids == self.config.media_token_id).sum(dim=1)
-        if int(mentioned.max()) > state.media.shape[1]:
+        mentioned = self._images_mentioned(input_ids, state.images_seen)
+        if mentioned > state.media.shape[1]:
             raise ValueError(
-                f"The text has {int(mentioned.max())} {MEDIA_TOKEN} token(s) in a sample but media_state holds only "
+                f"The text has {mentioned} {MEDIA_TOKEN} token(s) in a sample but media_state holds only "
                 f"{state.media.shape[1]} image(s) per sample; a new image needs pixel_values (without media_state)."
             )
-        blocks = {int(i): block for i, block in self.cross_attn_blocks.items()}
-        return MediaContext.continuing(state, blocks, self.config.media_token_id, input_ids)
+        return MediaContext.continuing(state, self._blocks_by_index(), self.config.media_token_id, input_ids)
 
     @torch.no_grad()
     def generate(
