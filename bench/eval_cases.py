@@ -128,6 +128,7 @@ def case_classify(setup: Setup, repeats: int, max_forwards: int) -> list[Row]:
             + ("; timed once" if long else "")
         )
         rows += rows_for(f"rank classification, {classes} classes", seconds, flops, notes)
+        rows[-1].extra["score_difference"] = difference  # the prefix-cache row
     return rows
 
 
@@ -163,4 +164,6 @@ def case_feature_reuse(setup: Setup, repeats: int) -> list[Row]:
         f"{OURS}, every image encoded": f"{caches[False].encoded} of {requested} images encoded",
     }
     case = f"feature reuse ({cfg.episode_queries} queries x {cfg.episode_shots} shared demos)"
-    return [Row(case, name, s, None, None, notes[name]) for name, s in seconds.items()]
+    counts = {f"{OURS}, media cache (eval)": dict(encoded=encoded, distinct=distinct, requested=requested),
+              f"{OURS}, every image encoded": dict(encoded=caches[False].encoded, distinct=distinct, requested=requested)}
+    return [Row(case, name, s, None, None, notes[name], counts[name]) for name, s in seconds.items()]

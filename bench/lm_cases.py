@@ -247,14 +247,16 @@ def case_train(setup: Setup, repeats: int) -> list[Row]:
             model.eval()
         for n, p in setup.bare.named_parameters():
             p.requires_grad_(lm_grad[n])
-    memory = {}
+    memory, peak_mb = {}, {}
     for name in models:
         if setup.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             contenders[name]()
-            memory[name] = f"peak allocated {torch.cuda.max_memory_allocated() / 2**20:,.0f} MB"
+            peak_mb[name] = torch.cuda.max_memory_allocated() / 2**20
+            memory[name] = f"peak allocated {peak_mb[name]:,.0f} MB"
         else:
             probe = peak_memory_of_training(setup.config.name, setup.work, name)
+            peak_mb[name] = probe["peak_mb"]
             memory[name] = f"peak RSS {probe['peak_mb']:,.0f} MB (+{probe['rise_mb']:,.0f} MB over the loaded model)"
     tokens = int(setup.batch["attention_mask"].sum())
     notes = {
@@ -263,7 +265,7 @@ def case_train(setup: Setup, repeats: int) -> list[Row]:
     }
     rows = rows_for("train step (fwd + bwd + AdamW)", seconds, flops, notes)
     for row in rows:
-        row.extra["profile"] = profiles[row.contender]
+        row.extra.update(profile=profiles[row.contender], peak_mb=peak_mb[row.contender])
     if REFERENCE in seconds:
         row = next(r for r in rows if r.contender == OURS)
         row.note += f"; {seconds[REFERENCE] / seconds[OURS]:.2f}x OpenFlamingo's throughput"

@@ -36,8 +36,10 @@ def test_tiny_suite_runs_every_case_and_writes_the_table(tmp_path, config):
         assert ours and all(r.flop_ratio is not None and r.flop_ratio > 1 for r in ours), case
     train = {r.contender: r.note for r in rows if r.case.startswith("train")}
     assert all("peak RSS" in note and "tokens/s" in note for note in train.values())
+    assert all(r.extra["peak_mb"] > 0 for r in rows if r.case.startswith("train"))
     reuse = next(r for r in rows if r.case.startswith("feature reuse") and "media cache" in r.contender)
     assert "5 of 9 images encoded" in reuse.note and "each encoded once" in reuse.note  # 2 demos + 3 queries
+    assert reuse.extra == {"encoded": 5, "distinct": 5, "requested": 9}
     classify = next(r for r in rows if r.case.startswith("rank classification") and "prefix" in r.contender)
-    assert float(classify.note.split("scores equal to ")[1]) < 1e-4
+    assert classify.extra["score_difference"] < 1e-4 and "scores equal to" in classify.note
     assert len([line for line in text.splitlines() if line.startswith("| ")]) >= len(rows)
