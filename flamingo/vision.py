@@ -2,7 +2,8 @@
 
 Accepts an open_clip model name (built-in, registered with ``open_clip.add_model_config``, ``hf-hub:`` or
 ``local-dir:``) plus ``pretrained`` (a tag or a local weights file), or a ready open_clip model object.
-Following OpenFlamingo, the features are the tower's output tokens (after ``ln_post``, before the projection).
+Following OpenFlamingo, the features are the tower's output tokens (after ``ln_post``, before the projection): the
+patch tokens of a ViT, or the attentional pooler's query tokens of a CoCa tower (at the pooler's width, ``embed_dim``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class VisionEncoder(nn.Module):
 
     @property
     def width(self) -> int:
+        pooler = getattr(self.visual, "attn_pool", None)
+        if pooler is not None:  # CoCa-style towers return the attentional pooler's queries, of its width
+            return pooler.query.shape[-1]
         transformer = getattr(self.visual, "transformer", None)
         if transformer is not None and hasattr(transformer, "width"):
             return transformer.width

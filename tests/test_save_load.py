@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 import flamingo
-from flamingo.testing import save_tiny_lm
+from flamingo.testing import TINY_VISION_CONFIG, save_tiny_lm, save_tiny_vision_weights
 from models import build_tiny_model
 from flamingo.testing import random_images
 
@@ -343,3 +344,34 @@ def test_save_pretrained_with_a_state_dict_missing_trainable_weights_names_them(
         model.save_pretrained(tmp_path / "saved", state_dict=partial)
     with pytest.raises(ValueError, match="cannot take a state_dict"):
         model.save_pretrained(tmp_path / "saved", state_dict=model.state_dict(), save_backbones=True)
+
+
+# ------------------------------------------------------------------------------------------------ other towers
+
+
+def test_coca_tower_gives_its_attentional_pooler_tokens_and_reloads(tmp_path, tiny_llama_dir):
+    """A CoCa tower's tokens are its attentional pooler's queries, at the pooler's width (embed_dim), not the ViT's:
+    the perceiver must be built for that width, and the saved model must rebuild the same tower."""
+    config = {**TINY_VISION_CONFIG, "vision_cfg": {**TINY_VISION_CONFIG["vision_cfg"], "attentional_pool": True,
+                                                    "attn_pooler_queries": 5, "attn_pooler_heads": 2}}
+    config["multimodal_cfg"] = {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
+    config["text_cfg"] = {**config["text_cfg"], "embed_cls": True}
+    config["custom_text"] = True  # with multimodal_cfg: open_clip builds a CoCa
+    (tmp_path / "flamingo-tiny-coca.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "flamingo-tiny-coca.json")
+    weights = save_tiny_vision_weights("flamingo-tiny-coca", tmp_path / "coca.pt")
+    model, processor = build_tiny_model({"name": "flamingo-tiny-coca", "weights": weights}, tiny_llama_dir)
+
+    assert model.vision_encoder.width == config["embed_dim"] != config["vision_cfg"]["width"]
+    tokens = model.vision_encoder(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 4, config["embed_dim"])  # 5 queries: the first is the pooled embedding
+    _perturb_trainable(model, seed=3)
+    batch = _batch(processor)
+    expected = _logits(model, batch)
+    other_images = {**batch, "pixel_values": torch.randn_like(batch["pixel_values"])}
+    assert not torch.allclose(expected, _logits(model, other_images))  # the pooler's tokens reach the text
+
+    model.save_pretrained(tmp_path / "saved", save_backbones=True)
+    processor.save_pretrained(tmp_path / "saved")
+    loaded = flamingo.Flamingo.from_pretrained(tmp_path / "saved").eval()
+    assert torch.equal(_logits(loaded, batch), expected)
