@@ -106,12 +106,10 @@ class ImageEmbedder:
 
     @classmethod
     def from_flamingo(cls, model, processor) -> ImageEmbedder:
-        visual = model.vision_encoder.visual  # open_clip VisionTransformer with output_tokens=True
-        dtype = next(visual.parameters()).dtype
+        visual = model.vision_encoder.visual
 
         def encode(images: torch.Tensor) -> torch.Tensor:
-            pooled, _tokens = visual(images.to(model.device, dtype))
-            return pooled
+            return model.vision_encoder.embed(images.to(model.device))
 
         cfg = model.config
         return cls(

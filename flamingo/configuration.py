@@ -32,6 +32,10 @@ class PerceiverConfig:
     ff_mult: int = 4
     # Learned frame (time) embeddings for video input, one per frame index. None disables video input.
     max_frames: int | None = 8
+    # False: no latents; each media's patch tokens (all frames) go to the cross-attention as they are, after the frame
+    # embeddings and the final LayerNorm (``depth``, ``num_latents``, ``heads``, ``dim_head`` are then unused). For
+    # towers with few tokens, such as the micro model's 16: static latents must first learn to tell objects apart.
+    resample: bool = True
 
 
 @dataclass
@@ -64,6 +68,8 @@ class FlamingoConfig:
     vision_pretrained: str | None = None
     vision_model_cfg: dict | None = None
     vision_preprocess_cfg: dict | None = None
+    # ResNet vision towers only: the residual stage (1-4) whose feature map gives the visual tokens; None: the last.
+    vision_feature_stage: int | None = None
     cross_attn_every_n_layers: int = 1
     decoder_layers_attr: str | None = None
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)

@@ -49,6 +49,7 @@ def create_model_and_processor(
     lang_model: str | PreTrainedModel,
     vision_pretrained: str | None = None,
     tokenizer: str | PreTrainedTokenizerBase | None = None,
+    vision_feature_stage: int | None = None,
     cross_attn_every_n_layers: int = 1,
     decoder_layers_attr: str | None = None,
     perceiver: PerceiverConfig | None = None,
@@ -60,6 +61,8 @@ def create_model_and_processor(
     """A new Flamingo model (fresh perceiver and cross-attention, gates at 0) and its processor.
 
     vision_model: open_clip model name (with ``vision_pretrained`` tag or weights file) or an open_clip model.
+    vision_feature_stage: for a ResNet tower, the stage (1-4) whose feature map gives the visual tokens (None: the
+    last); see :class:`flamingo.vision.VisionEncoder`.
     lang_model: HF hub id, local path, or a loaded causal LM. tokenizer: defaults to the LM's.
     resize_to_tokenizer: resize the LM vocabulary to exactly ``len(tokenizer)`` (OpenFlamingo's choice); by default
     the embeddings only grow when the added tokens need rows.
@@ -68,13 +71,16 @@ def create_model_and_processor(
         vision_model=vision_model if isinstance(vision_model, str) else None,
         vision_pretrained=_reference(vision_pretrained),
         lang_model=_reference(lang_model) if isinstance(lang_model, str) else None,
+        vision_feature_stage=vision_feature_stage,
         cross_attn_every_n_layers=cross_attn_every_n_layers,
         decoder_layers_attr=decoder_layers_attr,
         perceiver=perceiver or PerceiverConfig(),
         cross_attention=cross_attention or CrossAttentionConfig(),
         trust_remote_code=trust_remote_code,
     )
-    vision_encoder, preprocess_cfg, model_cfg = load_vision_encoder(vision_model, vision_pretrained)
+    vision_encoder, preprocess_cfg, model_cfg = load_vision_encoder(
+        vision_model, vision_pretrained, feature_stage=vision_feature_stage
+    )
     config.vision_model_cfg, config.vision_preprocess_cfg = model_cfg, preprocess_cfg
     lm = load_lang_model(lang_model, trust_remote_code=trust_remote_code, dtype=dtype)
 
@@ -111,7 +117,10 @@ def build_from_config(config: FlamingoConfig, directory: Path, *, dtype: torch.d
     vision_weights = local(config.vision_pretrained)
     saved_tower = vision_weights is not None and vision_weights.endswith(VISION_WEIGHTS_NAME)
     vision_encoder, _, _ = load_vision_encoder(
-        config.vision_model, None if saved_tower else vision_weights, weights_follow=saved_tower
+        config.vision_model,
+        None if saved_tower else vision_weights,
+        feature_stage=config.vision_feature_stage,
+        weights_follow=saved_tower,
     )
     if saved_tower:
         vision_encoder.visual.load_state_dict(load_safetensors(vision_weights))

@@ -171,11 +171,11 @@ class Flamingo(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.perceiver.latents.device
+        return self.perceiver.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.perceiver.latents.dtype
+        return self.perceiver.norm.weight.dtype
 
     # ------------------------------------------------------------------------------------------ forward
     def _checked_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -203,7 +203,8 @@ class Flamingo(nn.Module):
         return pixel_values
 
     def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(b, t, f, c, h, w) or (b, t, c, h, w) pixels -> (b, t, n, d_visual) perceiver latents.
+        """(b, t, f, c, h, w) or (b, t, c, h, w) pixels -> (b, t, n, d_visual) visual tokens: the perceiver latents, or
+        with ``PerceiverConfig(resample=False)`` the patch tokens of all frames (n = f * v).
 
         Pixels must be floats normalised as the processor does, at the tower's image size; any float dtype is
         cast to the tower's own (float64 included), integer pixels (e.g. uint8) are rejected.
@@ -211,9 +212,9 @@ class Flamingo(nn.Module):
         pixel_values = self._checked_pixels(pixel_values)
         b, t, f = pixel_values.shape[:3]
         if t == 0:  # no images in this batch: the tower cannot run on an empty batch
-            return self.perceiver.latents.new_zeros(b, 0, *self.perceiver.latents.shape)
+            return self.perceiver.empty_media(b)
         features = self.vision_encoder(pixel_values.flatten(0, 2))  # (b t f, v, d)
-        features = features.unflatten(0, (b, t, f)).to(self.perceiver.latents.dtype)
+        features = features.unflatten(0, (b, t, f)).to(self.dtype)
         return self.perceiver(features)
 
     def _media_context(
@@ -242,7 +243,7 @@ class Flamingo(nn.Module):
         if media is None:
             # Text only: the blocks still run (their feed-forward branch applies to every token, as in the paper),
             # so a text's logits do not depend on whether unrelated images were passed along.
-            media = self.perceiver.latents.new_zeros(input_ids.shape[0], 0, *self.perceiver.latents.shape)
+            media = self.perceiver.empty_media(input_ids.shape[0])
         return MediaContext(
             media, self._blocks_by_index(), self.config.media_token_id, input_ids, images_before, prompt_offset, media_ok
         )

@@ -80,18 +80,30 @@ class PerceiverResampler(nn.Module):
     Input ``(b, t, f, v, d)``: ``t`` media per sample, ``f`` frames each (1 for images), ``v`` patches per frame.
     Output ``(b, t, n, d)`` with ``n = config.num_latents``. Frames of one media are flattened into one key/value
     sequence after adding a learned embedding per frame index (the paper's temporal embeddings).
+
+    With ``config.resample=False`` there are no latents: the output is that sequence itself, layer-normalised,
+    ``(b, t, f * v, d)``.
     """
 
     def __init__(self, dim: int, config: PerceiverConfig | None = None):
         super().__init__()
         config = config or PerceiverConfig()
         self.config = config
-        self.latents = nn.Parameter(torch.randn(config.num_latents, dim))
+        if config.resample:
+            self.latents = nn.Parameter(torch.randn(config.num_latents, dim))
+        else:
+            self.register_parameter("latents", None)
         self.frame_embeddings = (
             nn.Parameter(torch.randn(config.max_frames, dim)) if config.max_frames is not None else None
         )
-        self.layers = nn.ModuleList(PerceiverLayer(dim, config) for _ in range(config.depth))
+        depth = config.depth if config.resample else 0
+        self.layers = nn.ModuleList(PerceiverLayer(dim, config) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+
+    def empty_media(self, batch_size: int) -> torch.Tensor:
+        """(batch_size, 0, n, d) zeros: the media of samples without images, on this module's device and dtype."""
+        tokens = self.config.num_latents if self.config.resample else 1
+        return self.norm.weight.new_zeros(batch_size, 0, tokens, self.norm.normalized_shape[0])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         b, t, f, v, d = features.shape
@@ -105,6 +117,8 @@ class PerceiverResampler(nn.Module):
         elif f > 1:
             raise ValueError("This perceiver has no frame embeddings (max_frames=None), so it takes one frame per media.")
         media = rearrange(features, "b t f v d -> (b t) (f v) d")
+        if self.latents is None:
+            return rearrange(self.norm(media), "(b t) n d -> b t n d", b=b)
         latents = self.latents.to(media.dtype).expand(b * t, -1, -1)
         for layer in self.layers:
             latents = layer(media, latents)

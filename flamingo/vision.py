@@ -2,8 +2,10 @@
 
 Accepts an open_clip model name (built-in, registered with ``open_clip.add_model_config``, ``hf-hub:`` or
 ``local-dir:``) plus ``pretrained`` (a tag or a local weights file), or a ready open_clip model object.
-Following OpenFlamingo, the features are the tower's output tokens (after ``ln_post``, before the projection): the
-patch tokens of a ViT, or the attentional pooler's query tokens of a CoCa tower (at the pooler's width, ``embed_dim``).
+Following OpenFlamingo, the features of a ViT tower are its output tokens (after ``ln_post``, before the projection):
+the patch tokens, or the attentional pooler's query tokens of a CoCa tower (at the pooler's width, ``embed_dim``).
+A ResNet tower (open_clip's ``ModifiedResNet``, CLIP's RN50 family) gives the feature map of one residual stage, one
+token per position, as Flamingo reads its NFNet's feature map.
 """
 
 from __future__ import annotations
@@ -17,24 +19,57 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
 
 
-class VisionEncoder(nn.Module):
-    """Wraps ``open_clip`` ``model.visual``. forward: (N, C, H, W) images -> (N, v, d_visual) patch tokens."""
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
-    def __init__(self, visual: nn.Module):
+
+def is_resnet_tower(visual: nn.Module) -> bool:
+    """open_clip's ModifiedResNet: a stem, four residual stages and an attention pool."""
+    return all(hasattr(visual, name) for name in ("stem", *RESNET_STAGES, "attnpool"))
+
+
+class VisionEncoder(nn.Module):
+    """Wraps ``open_clip`` ``model.visual``. forward: (N, C, H, W) images -> (N, v, d_visual) visual tokens.
+
+    * ViT towers: the output tokens (``v`` patches, or a CoCa pooler's queries).
+    * ResNet towers: the feature map (N, d_visual, h, w) of residual stage ``feature_stage`` (1-4; None: the last),
+      flattened to ``v = h * w`` tokens and layer-normalised over channels (parameter-free, as a ViT's ``ln_post``
+      normalises its tokens). An earlier stage keeps a finer grid: a 64-px image has 2 x 2 positions after stage 4
+      and 4 x 4 after stage 3.
+    """
+
+    def __init__(self, visual: nn.Module, feature_stage: int | None = None):
         super().__init__()
-        if not hasattr(visual, "output_tokens"):
+        self.resnet_stage: int | None = None
+        if is_resnet_tower(visual):
+            stage = len(RESNET_STAGES) if feature_stage is None else feature_stage
+            if stage not in range(1, len(RESNET_STAGES) + 1):
+                raise ValueError(
+                    f"vision_feature_stage must be one of 1-4 (a ResNet stage) or None; got {feature_stage!r}."
+                )
+            self.resnet_stage = stage
+        elif not hasattr(visual, "output_tokens"):
             raise ValueError(
-                f"{type(visual).__name__} cannot return patch tokens; use an open_clip VisionTransformer tower."
+                f"{type(visual).__name__} cannot return patch tokens; use an open_clip VisionTransformer or "
+                "ModifiedResNet tower."
             )
-        visual.output_tokens = True
+        elif feature_stage is not None:
+            raise ValueError(
+                f"vision_feature_stage={feature_stage} applies to ResNet towers only; a {type(visual).__name__} "
+                "gives its output tokens. Leave it None."
+            )
+        else:
+            visual.output_tokens = True
         self.visual = visual
 
     @property
     def width(self) -> int:
+        if self.resnet_stage is not None:
+            return getattr(self.visual, RESNET_STAGES[self.resnet_stage - 1])[-1].conv3.out_channels
         pooler = getattr(self.visual, "attn_pool", None)
         if pooler is not None:  # CoCa-style towers return the attentional pooler's queries, of its width
             return pooler.query.shape[-1]
@@ -56,9 +91,21 @@ class VisionEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.visual.parameters()).dtype
-        _, tokens = self.visual(images.to(dtype))
-        return tokens
+        images = images.to(next(self.visual.parameters()).dtype)
+        if self.resnet_stage is None:
+            _, tokens = self.visual(images)
+            return tokens
+        features = self.visual.stem(images)
+        for name in RESNET_STAGES[: self.resnet_stage]:
+            features = getattr(self.visual, name)(features)
+        tokens = features.flatten(2).transpose(1, 2)  # (N, d, h, w) -> (N, h * w, d)
+        return F.layer_norm(tokens, tokens.shape[-1:])
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) images -> (N, embed_dim) the tower's own pooled CLIP embedding (not normalised)."""
+        out = self.visual(images.to(next(self.visual.parameters()).dtype))
+        return out if self.resnet_stage is not None else out[0]
 
 
 def _visual_of(model: nn.Module) -> nn.Module:
@@ -73,16 +120,22 @@ def preprocess_cfg_of(visual: nn.Module) -> dict[str, Any]:
 
 
 def load_vision_encoder(
-    vision_model: str | nn.Module, pretrained: str | None = None, *, weights_follow: bool = False
+    vision_model: str | nn.Module,
+    pretrained: str | None = None,
+    *,
+    feature_stage: int | None = None,
+    weights_follow: bool = False,
 ) -> tuple[VisionEncoder, dict[str, Any], dict[str, Any] | None]:
     """Build the tower. Returns ``(encoder, preprocess_cfg, model_cfg)``; model_cfg is None for a model object.
+
+    ``feature_stage``: for a ResNet tower, the stage whose feature map gives the tokens (see :class:`VisionEncoder`).
 
     ``weights_follow``: the caller loads the weights itself next, so open_clip's "initialized randomly" warning
     would be wrong and is not shown.
     """
     if isinstance(vision_model, nn.Module):
         visual = _visual_of(vision_model)
-        return VisionEncoder(visual), preprocess_cfg_of(visual), None
+        return VisionEncoder(visual, feature_stage), preprocess_cfg_of(visual), None
     model_cfg = None
     if not vision_model.startswith(("hf-hub:", "local-dir:")):
         model_cfg = open_clip.get_model_config(vision_model)
@@ -100,7 +153,7 @@ def load_vision_encoder(
         if quiet:
             logging.getLogger().removeFilter(quiet)
     visual = model.visual
-    return VisionEncoder(visual), preprocess_cfg_of(visual), model_cfg
+    return VisionEncoder(visual, feature_stage), preprocess_cfg_of(visual), model_cfg
 
 
 class _DropRandomInitWarning(logging.Filter):

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from flamingo.testing import FAMILIES
 from flamingo.cross_attention import media_mask
-from models import build_tiny_model
+from models import NO_RESAMPLING, TINY_PERCEIVER, build_tiny_model
 from flamingo.testing import random_images
 
 
@@ -46,9 +46,13 @@ def test_open_gates_make_the_images_matter(family, tiny_vision, tiny_lm_dir):
     assert not torch.allclose(a, b, atol=1e-4)
 
 
+RESAMPLERS = pytest.mark.parametrize("perceiver", [TINY_PERCEIVER, NO_RESAMPLING], ids=["perceiver", "no-resampling"])
+
+
+@RESAMPLERS
 @pytest.mark.parametrize("immediate", [True, False])
-def test_changing_image_k_leaves_logits_before_its_token_unchanged(immediate, tiny_vision, tiny_llama_dir):
-    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir, immediate=immediate)
+def test_changing_image_k_leaves_logits_before_its_token_unchanged(immediate, perceiver, tiny_vision, tiny_llama_dir):
+    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir, immediate=immediate, perceiver=perceiver)
     text = "Before any image. <image>A cat.<|endofchunk|> In between <image>A dog.<|endofchunk|><image>A bird"
     images = random_images(3, seed=0)
     batch = processor(text=text, images=images)
@@ -101,8 +105,9 @@ def test_text_before_the_first_image_gets_no_cross_attention_output(tiny_vision,
     assert out[seen > 0].abs().sum() > 0
 
 
-def test_left_padded_batch_with_different_image_counts_equals_each_sample_alone(tiny_vision, tiny_llama_dir):
-    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir)
+@RESAMPLERS
+def test_left_padded_batch_with_different_image_counts_equals_each_sample_alone(perceiver, tiny_vision, tiny_llama_dir):
+    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir, perceiver=perceiver)
     images = random_images(3, seed=4)
     samples = [[images[0], "An image of two cats.", images[1], "An image of"], [images[2], "A photo of a"]]
     batch = processor(samples)
@@ -121,8 +126,9 @@ def test_left_padded_batch_with_different_image_counts_equals_each_sample_alone(
             assert torch.equal(row[: alone_generated.shape[0]], alone_generated)
 
 
-def test_continuing_from_the_kv_cache_equals_one_full_forward(tiny_vision, tiny_llama_dir):
-    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir)
+@RESAMPLERS
+def test_continuing_from_the_kv_cache_equals_one_full_forward(perceiver, tiny_vision, tiny_llama_dir):
+    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir, perceiver=perceiver)
     batch = processor(text="<image>A cat.<|endofchunk|><image>A dog and a", images=random_images(2))
     ids, split = batch["input_ids"], 5
     with torch.no_grad():

@@ -42,6 +42,21 @@ def test_perceiver_equals_the_written_out_computation():
     torch.testing.assert_close(resampler(features), expected, rtol=1e-5, atol=1e-5)
 
 
+
+def test_without_resampling_the_tokens_are_the_frames_patches_in_order_layer_normalised():
+    torch.manual_seed(0)
+    resampler = PerceiverResampler(16, flamingo.PerceiverConfig(max_frames=2, resample=False))
+    assert resampler.latents is None and len(resampler.layers) == 0
+    with torch.no_grad():
+        resampler.norm.weight.normal_()
+        resampler.norm.bias.normal_()
+    features = torch.randn(2, 3, 2, 5, 16)  # (b, t, f, v, d)
+    expected = resampler.norm((features + resampler.frame_embeddings[:2, None]).flatten(2, 3))
+    out = resampler(features)
+    assert out.shape == (2, 3, 10, 16)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert resampler.empty_media(2).shape == (2, 0, 1, 16)
+
 # Images at or before each token: a prompt (l = 7), and decoding steps (l = 1, which selects each row's one image).
 SEEN = [[[0, 1, 1, 2, 2, 3, 3], [0, 0, 1, 1, 1, 1, 1]], [[2], [0]], [[3], [1]], [[1], [2]]]
 

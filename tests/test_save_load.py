@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 import flamingo
 from flamingo.testing import TINY_VISION_CONFIG, save_tiny_lm, save_tiny_vision_weights
-from models import build_tiny_model
+from models import NO_RESAMPLING, build_tiny_model
 from flamingo.testing import random_images
 
 TRAINABLE_PREFIXES = ("perceiver.", "cross_attn_blocks.", "added_tokens.")
@@ -374,4 +374,62 @@ def test_coca_tower_gives_its_attentional_pooler_tokens_and_reloads(tmp_path, ti
     model.save_pretrained(tmp_path / "saved", save_backbones=True)
     processor.save_pretrained(tmp_path / "saved")
     loaded = flamingo.Flamingo.from_pretrained(tmp_path / "saved").eval()
+    assert torch.equal(_logits(loaded, batch), expected)
+
+
+def _register_tiny_resnet(tmp_path) -> dict:
+    config = {**TINY_VISION_CONFIG, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}}
+    (tmp_path / "flamingo-tiny-rn.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "flamingo-tiny-rn.json")
+    return {"name": "flamingo-tiny-rn", "weights": save_tiny_vision_weights("flamingo-tiny-rn", tmp_path / "rn.pt")}
+
+
+def test_resnet_tower_gives_one_token_per_position_of_its_feature_stage_and_reloads(tmp_path, tiny_llama_dir):
+    """A ResNet tower (open_clip ModifiedResNet) gives the feature map of the configured stage, one layer-normalised
+    token per position; the stage is part of the config, so the saved model rebuilds the same tokens."""
+    vision = _register_tiny_resnet(tmp_path)
+    model, processor = build_tiny_model(vision, tiny_llama_dir, vision_feature_stage=2)
+    assert model.config.vision_feature_stage == 2
+    images = torch.randn(2, 3, 32, 32)
+    tokens = model.vision_encoder(images)
+    # stage 2 of a width-8 ResNet: stride 8 (a 4 x 4 grid at 32 px), 8 * 2 planes * 4 (bottleneck expansion) channels
+    assert model.vision_encoder.width == 64
+    assert tokens.shape == (2, 16, 64)
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(2, 16), atol=1e-5, rtol=0)  # layer-normalised
+    last = build_tiny_model(vision, tiny_llama_dir)[0].vision_encoder  # None: the last stage, 1 x 1 at 32 px
+    assert last(images).shape == (2, 1, last.width) and last.width == 256
+    # The pooled embedding (RICES) is the tower's own CLIP image embedding.
+    reference = open_clip.create_model(vision["name"], pretrained=vision["weights"]).eval()
+    torch.testing.assert_close(model.vision_encoder.embed(images), reference.encode_image(images))
+
+    _perturb_trainable(model, seed=4)
+    batch = _batch(processor)
+    expected = _logits(model, batch)
+    other_images = {**batch, "pixel_values": torch.randn_like(batch["pixel_values"])}
+    assert not torch.allclose(expected, _logits(model, other_images))  # the feature map reaches the text
+    model.save_pretrained(tmp_path / "saved", save_backbones=True)
+    processor.save_pretrained(tmp_path / "saved")
+    loaded = flamingo.Flamingo.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.vision_encoder.resnet_stage == 2
+    assert torch.equal(_logits(loaded, batch), expected)
+
+
+def test_feature_stage_is_refused_where_it_has_no_meaning(tmp_path, tiny_vision, tiny_llama_dir):
+    with pytest.raises(ValueError, match="ResNet towers only"):
+        build_tiny_model(tiny_vision, tiny_llama_dir, vision_feature_stage=2)
+    with pytest.raises(ValueError, match="must be one of 1-4"):
+        build_tiny_model(_register_tiny_resnet(tmp_path), tiny_llama_dir, vision_feature_stage=5)
+
+
+
+def test_a_model_without_resampling_saves_no_latents_and_reloads(tmp_path, tiny_vision, tiny_llama_dir):
+    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir, perceiver=NO_RESAMPLING)
+    _perturb_trainable(model, seed=5)
+    batch = _batch(processor)
+    expected = _logits(model, batch)
+    assert model.encode_media(batch["pixel_values"]).shape[2] == 16  # the tower's 16 patch tokens
+    model.save_pretrained(tmp_path / "saved")
+    assert not any("latents" in key for key in load_file(tmp_path / "saved" / "model.safetensors"))
+    loaded = flamingo.Flamingo.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.config.perceiver.resample is False
     assert torch.equal(_logits(loaded, batch), expected)

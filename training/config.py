@@ -39,6 +39,7 @@ class ModelConfig:
     vision_pretrained: str | None = None
     lang_model: str | None = None
     tokenizer: str | None = None
+    vision_feature_stage: int | None = None  # ResNet towers: the stage whose feature map gives the tokens
     cross_attn_every_n_layers: int = 1
     perceiver: dict = field(default_factory=dict)
     cross_attention: dict = field(default_factory=dict)

@@ -92,6 +92,7 @@ def load_model(config: ModelConfig) -> tuple[flamingo.Flamingo, flamingo.Flaming
         vision_pretrained=config.vision_pretrained,
         lang_model=config.lang_model,
         tokenizer=config.tokenizer,
+        vision_feature_stage=config.vision_feature_stage,
         cross_attn_every_n_layers=config.cross_attn_every_n_layers,
         perceiver=flamingo.PerceiverConfig(**config.perceiver),
         cross_attention=flamingo.CrossAttentionConfig(**config.cross_attention),

@@ -48,19 +48,26 @@ from .micro_data import DataRecipe, eval_config, write_eval_data, write_training
 class FlamingoRecipe:
     """The trained part: perceiver and gated cross-attention, and the ``flamingo-train`` run over the mixture."""
 
-    perceiver: dict = field(default_factory=lambda: {"depth": 1, "num_latents": 8, "heads": 4, "dim_head": 32,
-                                                     "max_frames": None})
+    # The CLIP's stage-3 feature map: 16 tokens an image, each telling the object around it (see ClipRecipe).
+    vision_feature_stage: int = 3
+    # No resampling: the 16 tokens go to the cross-attention as they are. Measured on VQA alone (3000 steps of 16
+    # documents): 0.955 without resampling, 0.49 at 1000 steps through 8 static latents (0.70 without); with ideal
+    # per-patch features, 0.98 against 0.68 (8 latents) and 0.67 (64 latents) at 1500 steps.
+    perceiver: dict = field(default_factory=lambda: {"resample": False, "max_frames": None})
     cross_attention: dict = field(default_factory=lambda: {"heads": 4, "dim_head": 32, "ff_mult": 2})
     cross_attn_every_n_layers: int = 1
-    steps: int = 2000
+    steps: int = 4000
     lr: float = 1e-3
     # Answer-only loss: the frozen LM already predicts the questions and the prompt words; training on them too
     # buries the few tokens that need the image (measured: with "all", VQA loss sat on its text-only plateau).
     labels: str = "answers"
     warmup_steps: int = 50
     # name: (batch size, loss weight, max images)
-    mixture: dict = field(default_factory=lambda: {"vqa": (8, 1.0, 4), "captions": (4, 0.5, 3),
-                                                   "documents": (4, 0.5, 4), "binding": (8, 1.0, 7)})
+    # VQA is most of the mixture: picking one object out of two or three is what the cross-attention learns last.
+    # Measured on the Flamingo stage alone (4000 steps, 0-shot VQA): 74.7% with VQA 12 documents at weight 1,
+    # 76.0% at weight 2, 89.3% with 16 documents at weight 2 (captions and interleaved documents 3 each).
+    mixture: dict = field(default_factory=lambda: {"vqa": (20, 2.0, 4), "captions": (3, 0.5, 3),
+                                                   "documents": (3, 0.5, 4), "binding": (6, 1.0, 7)})
     seed: int = 0
 
 
@@ -123,7 +130,7 @@ def build_flamingo(recipe: FlamingoRecipe, vision: dict, lm_dir: Path, out_dir: 
     torch.manual_seed(recipe.seed)
     model, processor = flamingo.create_model_and_processor(
         vision_model=vision["name"], vision_pretrained=vision["weights"], lang_model=str(lm_dir),
-        cross_attn_every_n_layers=recipe.cross_attn_every_n_layers,
+        vision_feature_stage=recipe.vision_feature_stage, cross_attn_every_n_layers=recipe.cross_attn_every_n_layers,
         perceiver=flamingo.PerceiverConfig(**recipe.perceiver),
         cross_attention=flamingo.CrossAttentionConfig(**recipe.cross_attention),
     )

@@ -1,4 +1,4 @@
-"""The micro model's backbones, trained from nothing: a BPE tokenizer, a tiny open_clip ViT and a tiny Llama.
+"""The micro model's backbones, trained from nothing: a BPE tokenizer, a tiny open_clip ResNet and a tiny Llama.
 
 Each step is a function of its config and seed and writes what a hub download would give: the tokenizer and LM as a
 ``save_pretrained`` folder, the CLIP as an open_clip model config (JSON) plus a state-dict file. Flamingo then loads
@@ -7,7 +7,7 @@ them through its ordinary loading code (``create_model_and_processor(vision_mode
 Example::
 
     tokenizer = train_tokenizer(out / "tokenizer")
-    vision = train_clip(tokenizer, ClipRecipe(), out / "clip")       # {"name": "micro-vit", "config": ..., "weights": ...}
+    vision = train_clip(tokenizer, ClipRecipe(), out / "clip")       # {"name": "micro-resnet", "config", "weights"}
     train_lm(tokenizer, LMRecipe(), out / "lm")
 """
 
@@ -33,7 +33,7 @@ from flamingo_train.optim import build_scheduler
 
 from .texts import ARTICLE, KIND_TOKENS, lm_document, tokenizer_corpus
 
-CLIP_NAME = "micro-vit"
+CLIP_NAME = "micro-resnet"
 # open_clip's OpenAI normalisation, which FlamingoProcessor applies for open_clip towers.
 _MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
 _STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
@@ -65,19 +65,21 @@ def train_tokenizer(out_dir: Path, *, vocab_size: int = 400, num_documents: int 
 
 @dataclass
 class ClipRecipe:
-    """The tiny CLIP: a ViT over 8-px patches of the 64-px scenes, and a 2-layer text transformer.
+    """The tiny CLIP: a ResNet (open_clip's ModifiedResNet, as in CLIP's RN50, one bottleneck block per stage) over
+    the 64-px scenes, and a 2-layer text transformer.
 
-    The image embedding is the mean of the patch tokens (open_clip's ``pool_type="avg"``), not a class token: the
-    contrastive loss then trains the very tokens Flamingo's perceiver reads. Measured with an attention probe on
-    frozen patch tokens (shape of a one-object held-out scene, chance 0.2): 0.91 with the class token, 0.98 with
-    the mean, both at 1200 steps; 0.78 at 400 steps.
+    Flamingo reads the feature map of stage 3 (``FlamingoRecipe.vision_feature_stage``): 4 x 4 positions of 256
+    channels. A convolution's features are local, so each position says what the object around it is. Measured
+    with a linear probe on frozen features of held-out scenes (the shape of the object at a position, chance 0.2):
+    0.997 at stage 3 (0.86 at stage 2). The patch tokens of ViT towers trained the same way carried little shape
+    (0.42 for 2 layers x 96, 0.59 for 4 layers; 0.38 is the patch's own pixels): the contrastive loss on their
+    mean lets any patch hold any object's information, and the micro model's VQA stayed at 60-66%.
     """
 
-    width: int = 96
-    layers: int = 2
+    width: int = 16
+    layers: tuple[int, ...] = (1, 1, 1, 1)
     embed_dim: int = 64
-    pool_type: str = "avg"
-    steps: int = 1200
+    steps: int = 600
     batch_size: int = 128
     lr: float = 1e-3
     num_scenes: int = 8000
@@ -92,8 +94,7 @@ def clip_model_config(recipe: ClipRecipe, vocab_size: int) -> dict:
     argmax pooling looks for, above every real token id."""
     return {
         "embed_dim": recipe.embed_dim,
-        "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": recipe.width, "layers": recipe.layers,
-                       "head_width": 32, "mlp_ratio": 4.0, "pool_type": recipe.pool_type},
+        "vision_cfg": {"image_size": IMAGE_SIZE, "width": recipe.width, "layers": list(recipe.layers)},
         "text_cfg": {"context_length": 32, "vocab_size": vocab_size + 1, "width": 128, "heads": 4, "layers": 2},
     }
 

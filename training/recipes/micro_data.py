@@ -40,7 +40,7 @@ from .texts import BINDING_PROMPT, CAPTION_PROMPT, VQA_PROMPT
 class DataRecipe:
     """How many records of each kind are written."""
 
-    vqa_documents: int = 6000
+    vqa_documents: int = 12000
     caption_documents: int = 3000
     interleaved_documents: int = 2000
     binding_episodes: int = 6000
