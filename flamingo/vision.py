@@ -89,9 +89,14 @@ class VisionEncoder(nn.Module):
         self.visual.eval()
         return self
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The tower's dtype; images are cast to it."""
+        return next(self.visual.parameters()).dtype
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(next(self.visual.parameters()).dtype)
+        images = images.to(self.dtype)
         if self.resnet_stage is None:
             _, tokens = self.visual(images)
             return tokens
@@ -104,7 +109,7 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) images -> (N, embed_dim) the tower's own pooled CLIP embedding (not normalised)."""
-        out = self.visual(images.to(next(self.visual.parameters()).dtype))
+        out = self.visual(images.to(self.dtype))
         return out if self.resnet_stage is not None else out[0]
 
 
