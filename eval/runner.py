@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from flamingo import Flamingo, FlamingoProcessor
-from flamingo.configuration import DTYPES
+from flamingo.configuration import DTYPE_NAMES, torch_dtype
 from flamingo.micro import resolve_model_path
 
 from .data import load_task_data
@@ -80,8 +80,8 @@ class EvalConfig:
             raise ValueError("batch_size and class_batch_size must be >= 1.")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1; got {self.num_samples}.")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}.")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}; got {self.dtype!r}.")
 
 
 class MediaCache:
@@ -147,7 +147,7 @@ class Evaluator:
         # only join one gloo group if PartialState is told it runs on CPUs.
         self.state = PartialState(cpu=not torch.accelerator.is_available())
         if model is None:
-            model, processor = load_model(config.model, dtype=DTYPES[config.dtype])
+            model, processor = load_model(config.model, dtype=torch_dtype(config.dtype))
         self.model = model.to(self.state.device).eval()
         self.processor = processor
         self.media_cache = MediaCache(self.model, processor, enabled=config.media_cache)

@@ -12,13 +12,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .io import atomic_write_text
 
 CONFIG_NAME = "config.json"
 # dtype names accepted by config files and command lines (training's lang_model_dtype, flamingo-eval --dtype).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names only, so that configs and CLIs check them without importing torch; torch_dtype() gives the dtype.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of one of ``DTYPE_NAMES``."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}; got {name!r}.")
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass

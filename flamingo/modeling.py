@@ -57,6 +57,8 @@ class FlamingoOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     images_seen: torch.LongTensor | None = None
     media_state: MediaState | None = None
+    aux_losses: dict[str, torch.Tensor] | None = None
+    stats: dict[str, torch.Tensor] | None = None
 
     @property
     def past_key_values(self):
@@ -382,6 +384,8 @@ class Flamingo(nn.Module):
             attentions=out.attentions,
             images_seen=context.seen[:, -1],
             media_state=None if new_cache is None else context.state(),
+            aux_losses={},
+            stats={},
         )
 
     def _continued_context(

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from flamingo.configuration import DTYPES, CrossAttentionConfig, PerceiverConfig
+from flamingo.configuration import DTYPE_NAMES, CrossAttentionConfig, PerceiverConfig
 from flamingo_train.data.config import DataConfig
 from flamingo_train.data.loader import check_paths as check_dataset_paths
 
@@ -60,6 +60,9 @@ class OptimConfig:
     eps: float = 1e-8
     # Learned tables, not projections: decaying them only shrinks the latents / token rows toward zero.
     no_decay: list[str] = field(default_factory=lambda: ["latents", "frame_embeddings", "added_tokens"])
+    # The weight of each auxiliary loss the model reports (FlamingoOutput.aux_losses, e.g. a mixture-of-experts
+    # balance loss) in the training objective. A reported loss without a weight here is an error; 0 logs it only.
+    aux_loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -282,8 +285,8 @@ def validate(config: TrainConfig, *, where: str = "config") -> None:
         unknown = sorted(set(getattr(model, name)) - known)
         if unknown:
             raise ValueError(f"{where}: model.{name}: unknown field(s) {unknown}; known fields are {sorted(known)}.")
-    if model.lang_model_dtype not in DTYPES:
-        raise ValueError(f"{where}: model.lang_model_dtype must be one of {sorted(DTYPES)}, got "
+    if model.lang_model_dtype not in DTYPE_NAMES:
+        raise ValueError(f"{where}: model.lang_model_dtype must be one of {list(DTYPE_NAMES)}, got "
                          f"{model.lang_model_dtype!r}.")
     if schedule.kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"{where}: schedule.kind must be cosine, linear or constant, got {schedule.kind!r}.")

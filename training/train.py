@@ -57,7 +57,7 @@ from flamingo_train.checkpoint import (
     save_checkpoint,
     set_aside_later_checkpoints,
 )
-from flamingo.configuration import DTYPES
+from flamingo.configuration import torch_dtype
 from flamingo.micro.shipped import resolve_model_path
 from flamingo_train.config import ModelConfig, TrainConfig, check_data_paths, validate
 from flamingo_train.data.loader import PositionTracker, build_dataloader
@@ -76,7 +76,7 @@ FINAL = "final"
 def load_model(config: ModelConfig) -> tuple[flamingo.Flamingo, flamingo.FlamingoProcessor]:
     """A saved model (``pretrained``: a directory, or ``micro``, the shipped one) or a fresh one from backbones; the
     backbones stay frozen (see optim.py)."""
-    dtype = DTYPES[config.lang_model_dtype]
+    dtype = torch_dtype(config.lang_model_dtype)
     if config.pretrained is not None:
         directory = resolve_model_path(config.pretrained)
         model = flamingo.Flamingo.from_pretrained(directory, dtype=dtype)
