@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
 
 def binding_continuation(word: str) -> str:

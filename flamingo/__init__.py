@@ -9,7 +9,8 @@ from .factory import create_model_and_processor
 from .media_state import MediaState
 from .modeling import Flamingo, FlamingoOutput
 from .openflamingo import load_openflamingo
-from .processing import FlamingoProcessor, add_flamingo_tokens
+from .processing import FlamingoProcessor
+from .tokens import add_flamingo_tokens
 
 __all__ = [
     "CrossAttentionConfig",

@@ -58,7 +58,7 @@ class CrossAttentionConfig:
     only_attend_immediate_media: bool = True
 
 
-# Fields that early configs stored although the tokens are fixed (flamingo.processing.MEDIA_TOKEN, ...).
+# Fields that early configs stored although the tokens are fixed (flamingo.tokens.MEDIA_TOKEN, ...).
 _LEGACY_TOKEN_FIELDS = {"media_token": "<image>", "end_of_chunk_token": "<|endofchunk|>"}
 
 

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .configuration import CONFIG_NAME, CrossAttentionConfig, FlamingoConfig, PerceiverConfig
 from .io import load_safetensors
 from .modeling import Flamingo
-from .processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, FlamingoProcessor, add_flamingo_tokens
+from .processing import FlamingoProcessor
+from .tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, add_flamingo_tokens
 from .vision import load_vision_encoder, register_model_config
 
 logger = logging.getLogger(__name__)

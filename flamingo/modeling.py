@@ -32,7 +32,7 @@ from .lm_fusion import LanguageModelFusion, MediaContext, MediaSlot, find_decode
 from .media_state import MediaState
 from .micro.shipped import resolve_model_path
 from .perceiver import PerceiverResampler
-from .processing import MEDIA_TOKEN
+from .tokens import MEDIA_TOKEN
 from .vision import VisionEncoder
 
 WEIGHTS_NAME = "model.safetensors"

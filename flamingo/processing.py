@@ -31,26 +31,11 @@ from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from .images import ImageLike, is_image, load_image
 from .io import atomic_write_text, read_json
 from .micro.shipped import resolve_model_path
+from .tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
-MEDIA_TOKEN = "<image>"
-END_OF_CHUNK_TOKEN = "<|endofchunk|>"
-PAD_TOKEN = "<PAD>"
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
-__all__ = ["FlamingoProcessor", "ImageLike", "add_flamingo_tokens", "load_image"]
-
-
-def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Add ``<|endofchunk|>``, ``<image>`` and (if the tokenizer has none) ``<PAD>``; return the added ids.
-
-    The order is OpenFlamingo's, so token ids match their released checkpoints.
-    """
-    before = len(tokenizer)
-    tokenizer.add_special_tokens({"extra_special_tokens": [END_OF_CHUNK_TOKEN, MEDIA_TOKEN]}, replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    added = [tokenizer.convert_tokens_to_ids(t) for t in (END_OF_CHUNK_TOKEN, MEDIA_TOKEN, PAD_TOKEN)]
-    return [i for i in added if i is not None and i >= before]
+__all__ = ["FlamingoProcessor", "ImageLike", "load_image"]
 
 
 def _check_text(text: Any, index: int) -> None:

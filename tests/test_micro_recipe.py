@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 import flamingo
 from flamingo.micro.world import KINDS, SYLLABLES, TEST_WORDS, TRAIN_WORDS, binding_episode
-from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from flamingo_train.recipes.micro import MicroRecipe, run
 from flamingo_train.recipes.micro_backbones import soften_kind_tokens
 from flamingo_train.recipes.micro_data import DataRecipe, write_eval_data, write_training_data

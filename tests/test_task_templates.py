@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from flamingo_eval.data import load_task_data
 from flamingo_eval.tasks import get_task_spec
 from flamingo_eval.testing import write_fixture_data

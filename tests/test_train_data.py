@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 
-from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from flamingo_train.data import DataConfig, PositionTracker, write_synthetic_dataset
 from flamingo_train.data.formats import BadRecord, Document, parse_record
 from flamingo_train.data.samples import IGNORE_INDEX, SampleBuilder

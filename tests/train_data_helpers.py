@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image
 from transformers import AutoTokenizer
 
-from flamingo.processing import FlamingoProcessor, add_flamingo_tokens
+from flamingo.processing import FlamingoProcessor
+from flamingo.tokens import add_flamingo_tokens
 from flamingo.vision import load_vision_encoder
 from flamingo_train.data import DataConfig, build_dataloader
 

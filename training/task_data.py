@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from flamingo_eval.data import load_task_data
 from flamingo_eval.prompts import TaskSpec
 from flamingo_eval.tasks import custom_kinds, get_task, get_task_spec, task_names

@@ -53,7 +53,8 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, FlamingoProcessor, load_image
+from flamingo.processing import FlamingoProcessor, load_image
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
 from .formats import BadRecord, Document
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from flamingo.micro.world import IMAGE_SIZE, SYLLABLES, captions, make_scene, render, rng_for
-from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 from flamingo_train.config import ScheduleConfig
 from flamingo_train.optim import build_scheduler
 

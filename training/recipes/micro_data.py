@@ -31,7 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flamingo.micro.world import Scene, binding_episode, captions, make_scene, pick_question, render, rng_for
-from flamingo.processing import MEDIA_TOKEN
+from flamingo.tokens import MEDIA_TOKEN
 
 from .texts import BINDING_PROMPT, CAPTION_PROMPT, VQA_PROMPT
 

@@ -40,7 +40,7 @@ from flamingo.micro.world import (
     pick_question,
     rng_for,
 )
-from flamingo.processing import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
 # The evaluation prompts of flamingo_eval's caption and VQA tasks (OpenFlamingo's), and the binding prompt.
 CAPTION_PROMPT = "Output:{caption}"
