@@ -92,8 +92,6 @@ class RunConfig:
     resume: str | None = None  # "auto" (latest complete checkpoint in output_dir, if any) | a checkpoint dir | None
     # Export output_dir/final with copies of the backbones (self-contained) instead of references to them.
     export_backbones: bool = False
-    # Debugging/tests only: exit abruptly (os._exit, no cleanup) after this optimiser step, like a killed job.
-    kill_after_step: int | None = None
 
 
 @dataclass
