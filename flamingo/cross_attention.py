@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .auxiliary import AuxiliaryReport
 from .configuration import CrossAttentionConfig
 from .perceiver import FeedForward
 
@@ -149,6 +150,10 @@ class GatedCrossAttentionBlock(nn.Module):
     """``x + tanh(a) * xattn(x)`` then ``x + tanh(f) * ffw(x)``, with gates a, f starting at 0.
 
     Shapes: x (b, l, d_text), media latents (b, t, n, d_visual) -> (b, l, d_text).
+
+    Every block receives, besides the hidden states, the call's per-token ``attributes`` ((b, l, ...) or None) and
+    a ``report`` (:class:`~flamingo.auxiliary.AuxiliaryReport`) for auxiliary losses and statistics. This dense block
+    uses neither; a block that routes tokens (mixture of experts) reads the first and reports through the second.
     """
 
     def __init__(self, dim: int, dim_visual: int, config: CrossAttentionConfig | None = None):
@@ -159,6 +164,14 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff = FeedForward(dim, config.ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], mask: MediaMask) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        keys_values: tuple[torch.Tensor, torch.Tensor],
+        mask: MediaMask,
+        *,
+        attributes: torch.Tensor | None = None,
+        report: AuxiliaryReport | None = None,
+    ) -> torch.Tensor:
         x = x + self.attn_gate.tanh() * self.attn(x, keys_values, mask)
         return x + self.ff_gate.tanh() * self.ff(x)

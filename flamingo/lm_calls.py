@@ -127,8 +127,15 @@ def cache_keyword(lang_model: torch.nn.Module) -> str:
 
 
 def output_cache(output: Any) -> Any:
-    """The KV cache in an LM's output, under either name (None if it returned none)."""
+    """The KV cache in an LM's output, under the name its output class declares (``cache`` from transformers 5.24,
+    ``past_key_values`` before); None if it returned none.
+
+    Only the declared field is read: asking a 5.24 output for ``past_key_values`` logs a deprecation warning.
+    """
+    declared = getattr(output, "__dataclass_fields__", None)
     for name in ("cache", "past_key_values"):
+        if declared is not None and name not in declared:
+            continue
         value = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
         if value is not None:
             return value

@@ -24,12 +24,13 @@ from transformers import LogitsProcessorList, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .added_tokens import AddedTokenEmbeddings
+from .auxiliary import AuxiliaryReport
 from .configuration import FlamingoConfig
 from .cross_attention import GatedCrossAttentionBlock
 from .generation import BanTokens, copies_per_sample, generated_length
 from .lm_calls import cache_keyword, cache_length, output_cache
-from .lm_fusion import LanguageModelFusion, MediaContext, MediaSlot, find_decoder_layers
-from .media_state import MediaState
+from .lm_fusion import LanguageModelFusion, find_decoder_layers
+from .media_state import MediaContext, MediaSlot, MediaState
 from .micro.shipped import resolve_model_path
 from .perceiver import PerceiverResampler
 from .tokens import MEDIA_TOKEN
@@ -48,6 +49,9 @@ class FlamingoOutput(ModelOutput):
     back with ``cache`` to continue without encoding or projecting the images again. images_seen: (b,) the
     ``<image>`` tokens seen up to the end of the input (also in ``media_state``; pass it back as ``images_before``
     when continuing with ``pixel_values`` or ``media`` instead). hidden_states, attentions: as the LM returns them.
+    aux_losses: ``{name: scalar}`` auxiliary losses the modules reported (empty for a dense model; training adds
+    each times its ``optim.aux_loss_weights`` entry). stats: ``{"source/name": scalar}`` statistics they reported
+    (:mod:`flamingo.auxiliary`).
     """
 
     loss: torch.Tensor | None = None
@@ -204,12 +208,13 @@ class Flamingo(nn.Module):
             raise ValueError(f"pixel_values is empty: shape {tuple(pixel_values.shape)} has no samples or no frames.")
         return pixel_values
 
-    def encode_media(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_media(self, pixel_values: torch.Tensor, *, report: AuxiliaryReport | None = None) -> torch.Tensor:
         """(b, t, f, c, h, w) or (b, t, c, h, w) pixels -> (b, t, n, d_visual) visual tokens: the perceiver latents, or
         with ``PerceiverConfig(resample=False)`` the patch tokens of all frames (n = f * v).
 
         Pixels must be floats normalised as the processor does, at the tower's image size; any float dtype is
-        cast to the tower's own (float64 included), integer pixels (e.g. uint8) are rejected.
+        cast to the tower's own (float64 included), integer pixels (e.g. uint8) are rejected. ``report``: where the
+        perceiver reports auxiliary losses (:mod:`flamingo.auxiliary`), if it has any.
         """
         pixel_values = self._checked_pixels(pixel_values)
         b, t, f = pixel_values.shape[:3]
@@ -217,20 +222,24 @@ class Flamingo(nn.Module):
             return self.perceiver.empty_media(b)
         features = self.vision_encoder(pixel_values.flatten(0, 2))  # (b t f, v, d)
         features = features.unflatten(0, (b, t, f)).to(self.dtype)
-        return self.perceiver(features)
+        return self.perceiver(features, report=None if report is None else report.scoped("perceiver"))
 
     def _media_context(
         self,
         input_ids: torch.Tensor,
+        *,
         pixel_values: torch.Tensor | None,
         media: torch.Tensor | None,
         images_before: torch.Tensor | None,
-        *,
         prompt_offset: int | None,
+        token_attributes: torch.Tensor | None,
+        report: AuxiliaryReport,
     ) -> MediaContext:
+        """The context of a call that starts afresh (or continues a cache given ``images_before``)."""
         self._check_fused()
         self._check_input_ids(input_ids)
-        media, media_ok = self._finite_media(pixel_values, media)
+        self._check_token_attributes(token_attributes, input_ids)
+        media, media_ok = self._finite_media(pixel_values, media, report)
         if images_before is None:
             images_before = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
         images_before = images_before.to(input_ids.device)
@@ -247,7 +256,15 @@ class Flamingo(nn.Module):
             # so a text's logits do not depend on whether unrelated images were passed along.
             media = self.perceiver.empty_media(input_ids.shape[0])
         return MediaContext(
-            media, self._blocks_by_index(), self.config.media_token_id, input_ids, images_before, prompt_offset, media_ok
+            media=media,
+            blocks=self._blocks_by_index(),
+            media_token_id=self.config.media_token_id,
+            prompt_ids=input_ids,
+            images_before=images_before,
+            prompt_offset=prompt_offset,
+            media_ok=media_ok,
+            token_attributes=token_attributes,
+            report=report,
         )
 
     def _blocks_by_index(self) -> dict[int, GatedCrossAttentionBlock]:
@@ -283,7 +300,7 @@ class Flamingo(nn.Module):
             )
 
     def _finite_media(
-        self, pixel_values: torch.Tensor | None, media: torch.Tensor | None
+        self, pixel_values: torch.Tensor | None, media: torch.Tensor | None, report: AuxiliaryReport | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Encode the pixels if given, and deal with images holding NaN or inf (``config.nonfinite_media``).
 
@@ -303,7 +320,7 @@ class Flamingo(nn.Module):
             bad_pixels = ~pixel_values.isfinite().flatten(2).all(dim=2)  # (b, t)
             if mask:  # no sync: zeroed images are masked out below, so their values do not matter
                 pixel_values = torch.where(bad_pixels[:, :, None, None, None, None], 0, pixel_values)
-            media = self.encode_media(pixel_values)
+            media = self.encode_media(pixel_values, report=report)
         if media.ndim != 4 or not media.is_floating_point():
             raise ValueError(
                 f"media must be (B, T_img, n_latents, D) floating-point perceiver output; got shape "
@@ -335,16 +352,24 @@ class Flamingo(nn.Module):
         media: torch.Tensor | None = None,
         images_before: torch.LongTensor | None = None,
         media_state: MediaState | None = None,
+        token_attributes: torch.Tensor | None = None,
         past_key_values=None,
         **lang_model_kwargs,
     ) -> FlamingoOutput:
         """Logits (and loss, if ``labels``; -100 is ignored) for interleaved text and images.
 
         input_ids, attention_mask, labels: (b, l). pixel_values: (b, t, f, c, h, w) or (b, t, c, h, w), or give
-        ``media`` (b, t, n, d) from :meth:`encode_media` to reuse encoded images. To continue from a KV cache, give
-        the previous output's ``cache`` and its ``media_state`` (the fast way: the images' cross-attention
-        keys/values are reused, see :mod:`flamingo.media_state`), or its ``images_seen`` as ``images_before`` (b,)
-        with the images again. ``past_key_values`` is the deprecated name of ``cache``.
+        ``media`` (b, t, n, d) from :meth:`encode_media` to reuse encoded images. token_attributes: (b, l) or
+        (b, l, a), per-token attributes every cross-attention block receives (see :mod:`flamingo.media_state`).
+
+        To continue from a KV cache, give the previous output's ``cache`` and its ``media_state`` (the fast way: the
+        images' cross-attention keys/values are reused, see :mod:`flamingo.media_state`), with ``pixel_values`` or
+        ``media`` holding only the images of this call's new ``<image>`` tokens, if any; or give its
+        ``images_seen`` as ``images_before`` (b,) with all the images again. ``past_key_values`` is the deprecated
+        name of ``cache``.
+
+        ``aux_losses`` and ``stats`` of the output hold what the modules reported (:mod:`flamingo.auxiliary`); the
+        ``loss`` is the language-modelling loss alone.
 
         Bad input raises a ValueError: token ids outside the vocabulary, an empty batch, more tokens (cache
         included) than the LM's context, pixels that are not normalised floats at the tower's image size, labels
@@ -352,15 +377,22 @@ class Flamingo(nn.Module):
         """
         cache = _renamed(cache, past_key_values, new="cache", old="past_key_values", where="Flamingo.forward")
         past = 0 if cache is None else cache_length(cache)
+        report = AuxiliaryReport()
         if media_state is not None:
-            context = self._continued_context(input_ids, media_state, pixel_values, media, images_before)
+            context = self._continued_context(
+                input_ids, media_state, pixel_values=pixel_values, media=media, images_before=images_before,
+                token_attributes=token_attributes, report=report,
+            )
         else:
             if cache is not None and images_before is None and past > 0:
                 raise ValueError(
                     "Continuing from a cache needs the previous output's media_state (or its images_seen as "
                     "images_before, with the images again)."
                 )
-            context = self._media_context(input_ids, pixel_values, media, images_before, prompt_offset=None)
+            context = self._media_context(
+                input_ids, pixel_values=pixel_values, media=media, images_before=images_before, prompt_offset=None,
+                token_attributes=token_attributes, report=report,
+            )
         self._check_length(past + input_ids.shape[1], f"The input ({past} cached + {input_ids.shape[1]} new tokens)")
         if labels is not None:
             self._check_labels(labels, input_ids)
@@ -384,39 +416,81 @@ class Flamingo(nn.Module):
             attentions=out.attentions,
             images_seen=context.seen[:, -1],
             media_state=None if new_cache is None else context.state(),
-            aux_losses={},
-            stats={},
+            aux_losses=report.losses(),
+            stats=report.stats(),
         )
 
     def _continued_context(
         self,
         input_ids: torch.Tensor,
         state: MediaState,
+        *,
         pixel_values: torch.Tensor | None,
         media: torch.Tensor | None,
         images_before: torch.Tensor | None,
+        token_attributes: torch.Tensor | None,
+        report: AuxiliaryReport,
     ) -> MediaContext:
-        """The context of a call continuing the one ``state`` came from; its media were checked when encoded."""
+        """The context of a call continuing the one ``state`` came from, with the images of its new ``<image>``
+        tokens, if given, added to the state (encoded and projected alone)."""
         self._check_fused()
         if not isinstance(state, MediaState):
             raise ValueError(f"media_state must be a previous output's media_state; got {type(state).__name__}.")
-        given = [name for name, value in (("pixel_values", pixel_values), ("media", media),
-                                          ("images_before", images_before)) if value is not None]
-        if given:
-            raise ValueError(f"media_state already holds the images and their count; do not also pass {', '.join(given)}.")
+        if images_before is not None:
+            raise ValueError("media_state already holds the image count; do not also pass images_before.")
         self._check_input_ids(input_ids)
+        self._check_token_attributes(token_attributes, input_ids)
         if state.batch_size != input_ids.shape[0]:
             raise ValueError(
                 f"media_state is for {state.batch_size} samples but input_ids has {input_ids.shape[0]}; after "
                 "reordering or repeating the cache, do the same to the state (MediaState.select / repeat_interleave)."
             )
+        new_media, new_ok = self._finite_media(pixel_values, media, report)
+        if new_media is not None:
+            source = "pixel_values" if pixel_values is not None else "media"
+            if new_media.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"{source} has batch size {new_media.shape[0]} but input_ids has {input_ids.shape[0]}.")
+            new_tokens = int((input_ids == self.config.media_token_id).sum(dim=1).max())
+            if new_media.shape[1] != new_tokens:
+                # Resending all the images with the state would number the old ones as new: refuse, don't guess.
+                raise ValueError(
+                    f"{source} holds {new_media.shape[1]} image(s) per sample but the new text has at most "
+                    f"{new_tokens} {MEDIA_TOKEN} token(s) in a sample; with media_state, give only the images of this "
+                    "call's new <image> tokens (the state holds the earlier ones)."
+                )
+            state = self._with_new_images(state, new_media, new_ok)
         mentioned = self._images_mentioned(input_ids, state.images_seen)
         if mentioned > state.media.shape[1]:
             raise ValueError(
                 f"The text has {mentioned} {MEDIA_TOKEN} token(s) in a sample but media_state holds only "
-                f"{state.media.shape[1]} image(s) per sample; a new image needs pixel_values (without media_state)."
+                f"{state.media.shape[1]} image(s) per sample; give the new images' pixel_values (or media) with "
+                "media_state."
             )
-        return MediaContext.continuing(state, self._blocks_by_index(), self.config.media_token_id, input_ids)
+        return MediaContext.continuing(
+            state, blocks=self._blocks_by_index(), media_token_id=self.config.media_token_id, prompt_ids=input_ids,
+            token_attributes=token_attributes, report=report,
+        )
+
+    def _with_new_images(self, state: MediaState, media: torch.Tensor, media_ok: torch.Tensor | None) -> MediaState:
+        """``state`` with the new images ``media`` (b, t_new, n, d) added; each block whose carried keys/values are
+        current projects the new images alone."""
+        new_keys_values = {}
+        for index, block in self._blocks_by_index().items():
+            if index in state.keys_values and state.weight_versions.get(index) == block.attn.to_kv.weight._version:
+                new_keys_values[index] = block.attn.keys_values(media.to(state.keys_values[index][0].device))
+        return state.with_new_images(media, media_ok, new_keys_values)
+
+    def _check_token_attributes(self, token_attributes: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+        if token_attributes is None:
+            return
+        if not isinstance(token_attributes, torch.Tensor) or token_attributes.ndim not in (2, 3):
+            shape = tuple(token_attributes.shape) if isinstance(token_attributes, torch.Tensor) else type(token_attributes).__name__
+            raise ValueError(f"token_attributes must be a (B, L) or (B, L, A) tensor; got {shape}.")
+        if tuple(token_attributes.shape[:2]) != tuple(input_ids.shape):
+            raise ValueError(
+                f"token_attributes has shape {tuple(token_attributes.shape)}; its first two dimensions must be "
+                f"input_ids' {tuple(input_ids.shape)}."
+            )
 
     @torch.no_grad()
     def generate(
@@ -425,6 +499,7 @@ class Flamingo(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         media: torch.Tensor | None = None,
+        token_attributes: torch.Tensor | None = None,
         **generation_kwargs,
     ) -> torch.LongTensor:
         """HF ``generate`` on the language model, conditioned on the images; returns prompt + new tokens (b', l').
@@ -434,6 +509,7 @@ class Flamingo(nn.Module):
         ``num_return_sequences`` work as in HF; the media follow the expanded batch (:func:`copies_per_sample`).
         ``<image>`` is never generated, since a generated image token would have no image. To continue a KV
         cache, pass it as ``cache`` with the whole sequence as ``input_ids`` (the transformers convention).
+        token_attributes: (b, l) or (b, l, a) for the prompt; generated tokens repeat the last prompt token's.
         Prompt plus ``max_new_tokens`` (or ``max_length``) must fit the LM's context; inputs are checked as in
         :meth:`forward`.
         """
@@ -451,7 +527,10 @@ class Flamingo(nn.Module):
         processors = LogitsProcessorList(generation_kwargs.pop("logits_processor", None) or [])
         processors.append(BanTokens([self.config.media_token_id]))
         generation_kwargs["logits_processor"] = processors
-        context = self._media_context(input_ids, pixel_values, media, None, prompt_offset=0)
+        context = self._media_context(
+            input_ids, pixel_values=pixel_values, media=media, images_before=None, prompt_offset=0,
+            token_attributes=token_attributes, report=AuxiliaryReport(),
+        )
         self._check_length(generated_length(self.lang_model, generation_kwargs, input_ids.shape[1]),
                            f"The prompt ({input_ids.shape[1]} tokens) plus the tokens to generate")
         context = context.expanded(copies_per_sample(self.lang_model, generation_kwargs))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .auxiliary import AuxiliaryReport
 from .configuration import PerceiverConfig
 
 
@@ -105,7 +106,9 @@ class PerceiverResampler(nn.Module):
         tokens = self.config.num_latents if self.config.resample else 1
         return self.norm.weight.new_zeros(batch_size, 0, tokens, self.norm.normalized_shape[0])
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, *, report: AuxiliaryReport | None = None) -> torch.Tensor:
+        """features (b, t, f, v, d) -> (b, t, n, d). ``report``: where a variant with auxiliary losses would report
+        them (:mod:`flamingo.auxiliary`); this perceiver has none."""
         b, t, f, v, d = features.shape
         if self.frame_embeddings is not None:
             if f > self.frame_embeddings.shape[0]:

@@ -9,7 +9,7 @@ import torch
 
 import flamingo.modeling
 from flamingo.lm_calls import LMCall
-from flamingo.lm_fusion import MediaContext
+from flamingo.media_state import MediaContext
 from flamingo.modeling import copies_per_sample
 from flamingo.testing import FAMILIES, random_images
 from models import build_tiny_model
@@ -170,7 +170,8 @@ def test_copies_per_sample_follows_the_merged_generation_settings(family_model):
 def test_expanded_context_repeats_each_sample_in_a_row():
     media = torch.arange(2.0)[:, None, None, None].expand(2, 1, 1, 3)
     prompt = torch.tensor([[1, 9, 2], [9, 3, 4]])
-    context = MediaContext(media, {}, 9, prompt, torch.zeros(2, dtype=torch.long), prompt_offset=0).expanded(3)
+    context = MediaContext(media=media, blocks={}, media_token_id=9, prompt_ids=prompt,
+                           images_before=torch.zeros(2, dtype=torch.long), prompt_offset=0).expanded(3)
     assert context.media[:, 0, 0, 0].tolist() == [0, 0, 0, 1, 1, 1]
     assert torch.equal(context.prompt_ids, prompt.repeat_interleave(3, dim=0))
     context.start_lm_forward(LMCall(prompt.repeat_interleave(3, dim=0), 0))
@@ -179,7 +180,8 @@ def test_expanded_context_repeats_each_sample_in_a_row():
 
 def test_a_batch_the_media_cannot_follow_raises():
     prompt = torch.tensor([[1, 9, 2], [9, 3, 4]])
-    context = MediaContext(torch.zeros(2, 1, 1, 3), {}, 9, prompt, torch.zeros(2, dtype=torch.long), 0).expanded(2)
+    context = MediaContext(media=torch.zeros(2, 1, 1, 3), blocks={}, media_token_id=9, prompt_ids=prompt,
+                           images_before=torch.zeros(2, dtype=torch.long), prompt_offset=0).expanded(2)
     with pytest.raises(ValueError, match="batch of 6 sequences, but the images are for 4"):
         context.start_lm_forward(LMCall(prompt.repeat_interleave(3, dim=0), 0))
     with pytest.raises(ValueError, match="differ from the prompt"):

@@ -142,7 +142,7 @@ def test_media_state_misuse_raises_clear_errors(tiny_vision, tiny_llama_dir):
     with torch.no_grad():
         first = model(ids, pixel_values=batch["pixel_values"], use_cache=True)
         state = first.media_state
-        with pytest.raises(ValueError, match="do not also pass pixel_values"):
+        with pytest.raises(ValueError, match="holds 1 image.*new text has at most 0 <image> token"):
             model(ids[:, -1:], pixel_values=batch["pixel_values"], cache=first.cache, media_state=state)
         with pytest.raises(ValueError, match="do not also pass images_before"):
             model(ids[:, -1:], images_before=first.images_seen, cache=first.cache, media_state=state)
@@ -155,3 +155,80 @@ def test_media_state_misuse_raises_clear_errors(tiny_vision, tiny_llama_dir):
             model(ids[:, -1:], cache=first.cache, media_state=first.media_state.media)
         with pytest.raises(ValueError, match="media_state"):
             model(ids[:, -1:], media=state.media, cache=first.cache)  # continuing needs the count
+
+
+class ProjectedImages:
+    """Counts the image slots projected to keys/values, per call of MaskedCrossAttention.keys_values."""
+
+    def __init__(self, monkeypatch):
+        self.slots = []
+        original = MaskedCrossAttention.keys_values
+
+        def counted(attn, media):
+            self.slots.append(media.shape[1])
+            return original(attn, media)
+
+        monkeypatch.setattr(MaskedCrossAttention, "keys_values", counted)
+
+
+def _chunk_images(ids, pixel_values, start, end, media_token_id):
+    """The pixels of the images whose <image> tokens lie in columns start:end of each row, zero-padded to the most
+    any row has there (as the processor pads a turn's images); None when the chunk has no image."""
+    rows = []
+    for b in range(ids.shape[0]):
+        image_positions = (ids[b] == media_token_id).nonzero().flatten().tolist()
+        rows.append([k for k, p in enumerate(image_positions) if start <= p < end])
+    most = max(len(r) for r in rows)
+    if most == 0:
+        return None, rows
+    chunk = pixel_values.new_zeros(ids.shape[0], most, *pixel_values.shape[2:])
+    for b, images in enumerate(rows):
+        for j, k in enumerate(images):
+            chunk[b, j] = pixel_values[b, k]
+    return chunk, rows
+
+
+@pytest.mark.parametrize("immediate", [True, False], ids=["immediate", "all-earlier-images"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuation_calls_that_bring_new_images_equal_one_forward_over_the_whole_sequence(
+    family, immediate, tiny_vision, tiny_lm_dir, monkeypatch
+):
+    """A chat-like run: the sequence arrives in four calls on the KV cache and media_state, some calls bringing the
+    images of their own <image> tokens (for one row but not the other, or for neither); the logits equal one plain
+    forward over the whole left-padded batch with all its images, and every image is projected once."""
+    model, processor = build_tiny_model(tiny_vision, tiny_lm_dir(family), immediate=immediate)
+    images = random_images(5, seed=11)
+    batch = processor([
+        ["A few words first.", images[0], "Two cats.", images[1], "A dog on a mat and", images[2], "a bird"],
+        [images[3], "A photo of a dog and some more words.", images[4], "A fish"],
+    ])
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    media_token = model.config.media_token_id
+    row0 = (ids[0] == media_token).nonzero().flatten().tolist()
+    bounds = [0, row0[0] + 2, row0[1] + 1, row0[2], ids.shape[1]]  # the third call brings no image for row 0
+    takes_positions = "position_ids" in inspect.signature(model.lang_model.forward).parameters
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = (lambda a, b: {"position_ids": positions[:, a:b]}) if takes_positions else (lambda a, b: {})
+    with torch.no_grad():
+        full = model(ids, pixel_values=pixels, attention_mask=mask, **extra(0, ids.shape[1])).logits
+        projected = ProjectedImages(monkeypatch)
+        pieces, out, brought = [], None, []
+        for start, end in zip(bounds, bounds[1:]):
+            chunk_pixels, rows = _chunk_images(ids, pixels, start, end, media_token)
+            brought.append([len(r) for r in rows])
+            if out is None:
+                out = model(ids[:, :end], pixel_values=chunk_pixels, attention_mask=mask[:, :end], use_cache=True,
+                            **extra(0, end))
+            else:
+                out = model(ids[:, start:end], pixel_values=chunk_pixels, attention_mask=mask[:, :end],
+                            cache=out.cache, media_state=out.media_state, use_cache=True, **extra(start, end))
+            pieces.append(out.logits)
+    # The split exercises what it should: later calls bring images for one row only, for both, and for neither.
+    assert brought[0] == [1, 1] and sum(sum(b) for b in brought) == 5
+    assert any(0 in b and sum(b) > 0 for b in brought[1:]) and [0, 0] in brought[1:], brought
+    real = mask.bool()  # a padding position's logits are whatever the LM makes of a fully masked row
+    torch.testing.assert_close(torch.cat(pieces, dim=1)[real], full[real], rtol=1e-5, atol=1e-5)
+    # Each call projected only its own new images (padded to the most any row brought), once per block.
+    per_call = [max(b) for b in brought if max(b)]
+    assert projected.slots == [t for t in per_call for _ in model.cross_attn_blocks]
+    assert out.media_state.images_seen.tolist() == [3, 2]
