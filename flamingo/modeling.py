@@ -16,27 +16,29 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import LogitsProcessorList, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .added_tokens import AddedTokenEmbeddings
 from .auxiliary import AuxiliaryReport
 from .configuration import FlamingoConfig
 from .cross_attention import GatedCrossAttentionBlock
+from .deprecation import renamed_argument
 from .generation import BanTokens, copies_per_sample, generated_length
 from .lm_calls import cache_keyword, cache_length, output_cache
 from .lm_fusion import LanguageModelFusion, find_decoder_layers
 from .media_state import MediaContext, MediaSlot, MediaState
-from .micro.shipped import resolve_model_path
 from .perceiver import PerceiverResampler
+from .pretrained import PretrainedMixin
 from .tokens import MEDIA_TOKEN
 from .vision import VisionEncoder
 
-WEIGHTS_NAME = "model.safetensors"
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 NONFINITE_MEDIA = ("raise", "mask")  # FlamingoConfig.nonfinite_media
 
 
@@ -71,16 +73,6 @@ class FlamingoOutput(ModelOutput):
         return self.cache
 
 
-def _renamed(value, old_value, *, new: str, old: str, where: str):
-    """An argument given under its name ``new`` or its deprecated name ``old`` (which warns)."""
-    if old_value is None:
-        return value
-    if value is not None:
-        raise ValueError(f"Give {new} or its deprecated name {old}, not both.")
-    warnings.warn(f"{where}({old}=...) is deprecated; pass {new}=.", FutureWarning, stacklevel=3)
-    return old_value
-
-
 def context_length(lang_model: PreTrainedModel) -> tuple[str, int] | None:
     """``(config field, value)``: the most positions the LM takes, from its config; None if it states no limit.
 
@@ -103,7 +95,7 @@ def _first_true(mask: torch.Tensor) -> list[int]:
     return mask.nonzero()[0].tolist()
 
 
-class Flamingo(nn.Module):
+class Flamingo(PretrainedMixin, nn.Module):
     """A frozen open_clip vision tower and a frozen HF causal LM, joined by a trainable perceiver and gated
     cross-attention blocks fused before every ``cross_attn_every_n_layers``-th decoder layer.
 
@@ -375,7 +367,7 @@ class Flamingo(nn.Module):
         included) than the LM's context, pixels that are not normalised floats at the tower's image size, labels
         with no token to predict, and images holding NaN or inf (unless ``config.nonfinite_media="mask"``).
         """
-        cache = _renamed(cache, past_key_values, new="cache", old="past_key_values", where="Flamingo.forward")
+        cache = renamed_argument(cache, past_key_values, new="cache", old="past_key_values", where="Flamingo.forward")
         past = 0 if cache is None else cache_length(cache)
         report = AuxiliaryReport()
         if media_state is not None:
@@ -513,7 +505,7 @@ class Flamingo(nn.Module):
         Prompt plus ``max_new_tokens`` (or ``max_length``) must fit the LM's context; inputs are checked as in
         :meth:`forward`.
         """
-        cache = _renamed(
+        cache = renamed_argument(
             generation_kwargs.pop("cache", None),
             generation_kwargs.pop("past_key_values", None),
             new="cache",
@@ -524,6 +516,8 @@ class Flamingo(nn.Module):
             generation_kwargs[self._cache_keyword] = cache
         generation_kwargs.setdefault("eos_token_id", self.config.end_of_chunk_token_id)
         generation_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        from transformers import LogitsProcessorList  # here: the generation stack is not needed to build a model
+
         processors = LogitsProcessorList(generation_kwargs.pop("logits_processor", None) or [])
         processors.append(BanTokens([self.config.media_token_id]))
         generation_kwargs["logits_processor"] = processors
@@ -554,6 +548,7 @@ class Flamingo(nn.Module):
             raise ValueError("labels hold no token to compute a loss on: every label after the first is -100.")
 
     # ------------------------------------------------------------------------------------------ saving
+    # save_pretrained / from_pretrained come from PretrainedMixin (flamingo.pretrained).
     def trainable_state_dict(self, full_state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The weights a saved model stores: the Flamingo modules plus ``config.saved_lang_params``.
 
@@ -589,41 +584,3 @@ class Flamingo(nn.Module):
         for prefix, module in self.trainable_modules().items():
             part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
             module.load_state_dict(part, strict=True)
-
-    def save_pretrained(
-        self, directory: str | Path, *, save_backbones: bool = False, state_dict: dict[str, torch.Tensor] | None = None
-    ) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (trainable weights) to ``directory``.
-
-        By default the backbones are stored by reference (open_clip name + pretrained tag or file, LM hub id or
-        path). ``save_backbones=True`` also writes the LM (``language_model/``) and the vision tower
-        (``vision_model.safetensors``), so the directory is self-contained. ``state_dict``: the whole model's
-        weights gathered from a sharded wrapper (``accelerator.get_state_dict(model)`` under FSDP), saved instead
-        of this module's own parameters.
-        """
-        from .pretrained import save_model
-
-        if state_dict is not None and save_backbones:
-            raise ValueError("save_backbones=True saves this module's own backbones; it cannot take a state_dict.")
-        save_model(self, Path(directory), save_backbones=save_backbones, state_dict=state_dict)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | Path,
-        *,
-        dtype: torch.dtype | None = None,
-        trust_remote_code: bool | None = None,
-        torch_dtype: torch.dtype | None = None,
-    ) -> Flamingo:
-        """Rebuild a model written by :meth:`save_pretrained`, from its directory; ``"micro"`` is the model shipped
-        in the package (:mod:`flamingo.micro.shipped`; a local directory of that name wins).
-
-        dtype: the language model's dtype (default: as saved). trust_remote_code: run the LM's own code from its
-        directory or hub repo; default: what the saved config says (it is only ever set by the user who built the
-        model). torch_dtype: the deprecated name of ``dtype``.
-        """
-        from .pretrained import load_model
-
-        dtype = _renamed(dtype, torch_dtype, new="dtype", old="torch_dtype", where="Flamingo.from_pretrained")
-        return load_model(resolve_model_path(directory), dtype=dtype, trust_remote_code=trust_remote_code)

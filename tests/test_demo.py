@@ -1,4 +1,4 @@
-"""`python -m flamingo.demo` on the shipped micro model: its three sections, the images it names, and scores that
+"""`flamingo-demo` (``flamingo_train.demo``) on the shipped micro model: its three sections, the images it names, and scores that
 come from the evaluation code (checked for form, not for how good the model is)."""
 
 import contextlib
@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from flamingo.demo import SHOTS, DemoConfig, main
+from flamingo_train.demo import SHOTS, DemoConfig, parse_config, run
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """(out folder, printed text, main's result) of one small run, shared by the tests below."""
+    """(out folder, printed text, run's result) of one small run, shared by the tests below."""
     out = tmp_path_factory.mktemp("demo")
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        result = main(["--out", str(out), "--queries", "6", "--support", "8", "--examples", "2"])
+        result = run(parse_config(["--out", str(out), "--queries", "6", "--support", "8", "--examples", "2"]))
     return out, printed.getvalue(), result
 
 

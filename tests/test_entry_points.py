@@ -15,9 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_demo_runs_as_the_readme_starts_it(tmp_path):
-    """The README's first command, ``python -m flamingo.demo``, shrunk (tests/test_demo.py checks what it prints)."""
+    """The README's first command, ``flamingo-demo``, shrunk (tests/test_demo.py checks what it prints)."""
+    first = (ROOT / "README.md").read_text().split("```bash\n", 1)[1].splitlines()[0]
+    assert first.split("#")[0].split() == ["bash", "scripts/setup.sh", "&&", ".venv/bin/flamingo-demo"]
+    demo = Path(sys.executable).parent / "flamingo-demo"  # the console script of this venv, as .venv/bin/ holds it
     result = subprocess.run(
-        [sys.executable, "-m", "flamingo.demo", "--out", str(tmp_path), "--queries", "4", "--support", "4"],
+        [str(demo), "--out", str(tmp_path), "--queries", "4", "--support", "4"],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,6 +1,7 @@
 """The shipped micro model: the name "micro" loads it with no network, a local folder of that name wins, a missing
 file is named, and every file of it is package data (so a non-editable install has it)."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -31,6 +32,27 @@ def test_micro_loads_the_shipped_model_which_generates_for_a_few_shot_prompt(mic
     new = ids[0, batch["input_ids"].shape[1] :]
     assert len(new) >= 1
     assert processor.decode(new, skip_special_tokens=True).strip()  # some words, whichever the weights choose
+
+
+@pytest.mark.parametrize("save_backbones", [False, True], ids=["referring", "self-contained"])
+def test_micro_saved_elsewhere_reloads_with_the_same_outputs(micro, tmp_path, save_backbones):
+    """The README's save-and-reload on the shipped model: by default the saved folder refers to micro's backbones
+    where they are (flamingo.backbones' rule), with save_backbones=True it holds copies; both reload."""
+    model, processor = micro
+    model.save_pretrained(tmp_path / "mine", save_backbones=save_backbones)
+    processor.save_pretrained(tmp_path / "mine")
+    saved = json.loads((tmp_path / "mine" / "config.json").read_text())
+    if save_backbones:
+        assert (saved["lang_model"], saved["vision_pretrained"]) == ("language_model", "vision_model.safetensors")
+    else:
+        assert saved["lang_model"] == str(shipped.MICRO_MODEL_DIR / "language_model")
+        assert not (tmp_path / "mine" / "language_model").exists()
+    reloaded = flamingo.Flamingo.from_pretrained(tmp_path / "mine").eval()
+    batch = flamingo.FlamingoProcessor.from_pretrained(tmp_path / "mine")(
+        [render(make_scene(rng_for("test", "save-micro", 0))), "Output:"]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
 def test_a_local_directory_named_micro_wins_over_the_shipped_model(tmp_path, monkeypatch):

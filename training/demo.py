@@ -1,6 +1,7 @@
 """The micro model shipped in the package, few-shot, in under a minute on a laptop CPU; no download.
 
-Run:  .venv/bin/python -m flamingo.demo [--out flamingo-demo] [--queries 100] [--model micro|DIR]
+Run:  .venv/bin/flamingo-demo [--out flamingo-demo] [--queries 100] [--model micro|DIR]
+      (the same: python -m flamingo_train.demo ...)
 
 It prints three sections, and writes every image it shows under ``--out``:
 
@@ -35,8 +36,9 @@ import flamingo
 from flamingo.micro import MICRO_MODEL_NAME, resolve_model_path
 from flamingo.micro.world import captions, make_scene, render, rng_for
 
-# The demo is an entry point on top of all three packages: it runs the evaluation code and the recipe's data writer
-# as they are, so its numbers are the ones `flamingo-eval` reports.
+# The demo is an entry point on top of all three packages, so it lives in the top one: it runs the evaluation code
+# and the recipe's data writer as they are, so its numbers are the ones `flamingo-eval` reports.
+from flamingo_eval.files import read_jsonl
 from flamingo_eval.runner import Evaluator
 from flamingo_train.recipes.micro_data import DataRecipe, eval_config, write_eval_data
 from flamingo_train.recipes.texts import CAPTION_PROMPT
@@ -78,10 +80,6 @@ def shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------------ 1. evaluation
@@ -215,16 +213,20 @@ def run(config: DemoConfig) -> dict:
     return {"results": results, "prompt": prompt, "seconds": seconds}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_config(argv: list[str] | None = None) -> DemoConfig:
+    parser = argparse.ArgumentParser(prog="flamingo-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=MICRO_MODEL_NAME, help="'micro' (shipped) or a saved model's directory")
     parser.add_argument("--out", type=Path, default=DemoConfig.out, help="where the images and results are written")
     parser.add_argument("--queries", type=int, default=DemoConfig.queries, help="held-out queries per task")
     parser.add_argument("--support", type=int, default=DemoConfig.support, help="demo pool size (VQA, captions)")
     parser.add_argument("--examples", type=int, default=DemoConfig.examples, help="examples printed per section")
-    args = parser.parse_args(argv)
-    return run(DemoConfig(**vars(args)))
+    return DemoConfig(**vars(parser.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_config(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
