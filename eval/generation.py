@@ -16,7 +16,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-from transformers import GenerationConfig
+
+from flamingo.generation import exact_generation_config
 
 from .prompts import TaskSpec
 
@@ -37,23 +38,14 @@ def generate_answers(model, tokenizer, *, prompts: list[str], media: torch.Tenso
     """
     encoded = tokenizer(prompts, padding="longest", padding_side="left", return_tensors="pt")
     input_ids = encoded["input_ids"].to(model.device)
-    # HF fills every setting not given here from the LM's generation_config.json, where instruct models ship
-    # repetition penalties, n-gram bans, minimum lengths, sampling...; the protocol's decoding is these settings only.
-    lang_model = model.lang_model
-    own_config, lang_model.generation_config = lang_model.generation_config, GenerationConfig()
     # length_penalty only means something to beam search; HF warns about it under greedy decoding (num_beams=1).
     beams = {"num_beams": spec.num_beams, "length_penalty": spec.length_penalty} if spec.num_beams > 1 else {}
-    try:
-        output = model.generate(
-            input_ids,
-            attention_mask=encoded["attention_mask"].to(model.device),
-            media=media,
-            max_new_tokens=spec.max_new_tokens,
-            do_sample=False,
-            **beams,
-        )
-    finally:
-        lang_model.generation_config = own_config
+    # The protocol's decoding is these settings only, not the LM's generation_config.json on top (per call: the
+    # model's own config is never swapped, so threads sharing the model cannot race).
+    settings = exact_generation_config(model.lang_model, max_new_tokens=spec.max_new_tokens, do_sample=False, **beams)
+    output = model.generate(
+        input_ids, attention_mask=encoded["attention_mask"].to(model.device), media=media, generation_config=settings
+    )
     new_tokens = output[:, input_ids.shape[1] :]  # (B, n_new); finished rows are padded after their stop token
     continuations = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     stopped = _stopped(new_tokens, stop_ids=(model.config.end_of_chunk_token_id, tokenizer.eos_token_id))
