@@ -87,6 +87,17 @@ class AddedTokenEmbeddings(nn.Module):
         target.copy_(table[self.token_ids.to(table.device)].to(target.dtype))
 
 
+class RowsOwnedElsewhere:
+    """A reference to the :class:`AddedTokenEmbeddings` that the Flamingo model owns, registers and trains.
+
+    Deliberately not a submodule: registered here too, its rows would enter the LM's state dict (and FSDP's flat
+    parameters) twice. The Flamingo model moves, casts and saves them; the embedding modules only read them.
+    """
+
+    def __init__(self, module: AddedTokenEmbeddings):
+        self.module = module
+
+
 class _MergedTable(nn.Module):
     """Shared by the two embedding modules: wraps ``inner`` (the LM's own module, frozen) so that the state dict
     keeps the LM's key names (``<prefix>weight``, not ``<prefix>inner.weight``), with the trained rows merged in."""
@@ -96,12 +107,14 @@ class _MergedTable(nn.Module):
     def __init__(self, inner: nn.Module, added: AddedTokenEmbeddings, *, output: bool):
         super().__init__()
         self.inner = inner
-        # The rows belong to the Flamingo model, which registers and trains them; a second registration here would
-        # put them into the LM's state dict (and FSDP's flat parameters) twice.
-        object.__setattr__(self, "added", added)
+        self.owner = RowsOwnedElsewhere(added)
         self._output = output
         self.register_state_dict_post_hook(_present_merged_table)
         self.register_load_state_dict_pre_hook(_load_merged_table)
+
+    @property
+    def added(self) -> AddedTokenEmbeddings:
+        return self.owner.module
 
     def rows(self) -> torch.Tensor:
         return self.added.output_rows() if self._output else self.added.input
