@@ -2,6 +2,7 @@
 file is named, and every file of it is package data (so a non-editable install has it)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -96,3 +97,16 @@ def test_every_file_of_the_shipped_model_is_package_data():
         package = ".".join(path.parent.relative_to(ROOT).parts)
         assert package in setuptools["packages"], f"{path.parent} is not listed in [tool.setuptools] packages"
         assert "*" in setuptools["package-data"].get(package, []), f"{path} is not package data"
+
+
+def test_the_size_the_readme_quotes_for_micro_is_its_own(micro):
+    model, _ = micro
+    readme = (ROOT / "README.md").read_text()
+    whole = re.search(r"A whole Flamingo of ([\d.]+) M parameters ships inside the package \(`flamingo/micro/model/`, "
+                      r"([\d.]+) MiB\)", readme)
+    trained = re.search(r"plus gated cross-attention \(([\d.]+) M trained parameters\)", readme)
+    assert whole and trained, "the README's micro-model figures moved; update this test with them"
+    assert float(whole[1]) == round(model.num_parameters() / 1e6, 1)
+    assert float(trained[1]) == round(model.num_parameters(trainable_only=True) / 1e6, 2)
+    size = sum(f.stat().st_size for f in shipped.MICRO_MODEL_DIR.rglob("*") if f.is_file())
+    assert float(whole[2]) == round(size / 2**20, 1)
