@@ -9,10 +9,14 @@ decoding must be exactly its protocol's, whatever the LM's own ``generation_conf
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
-from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel
+from transformers.generation.logits_process import LogitsProcessor
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel
 
 
 class BanTokens(LogitsProcessor):
@@ -74,6 +78,8 @@ def exact_generation_config(lang_model: PreTrainedModel, **settings) -> Generati
     ``repetition_penalty=1.0``) or ``_OFF``'s. The model is not touched, so concurrent calls cannot race. A setting
     with no off value (``bad_words_ids``, ``forced_bos_token_id``...) raises a ValueError naming it.
     """
+    from transformers import GenerationConfig
+
     try:
         defaults = GenerationConfig._get_default_generation_params()
     except AttributeError:  # a private transformers helper (5.0 to 5.24 at least): fail loudly if it goes

@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers import BatchFeature
 
 from .images import ImageLike, is_image, load_image
 from .io import atomic_write_text, read_json
 from .micro.shipped import resolve_model_path
 from .tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
@@ -55,6 +57,8 @@ class FlamingoProcessor:
     """Tokenizer + image transform. ``processor.tokenizer`` is the HF tokenizer with the Flamingo tokens added."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, preprocess_cfg: dict[str, Any]):
+        from open_clip.transform import PreprocessCfg, image_transform_v2  # here: open_clip takes seconds to import
+
         self.tokenizer = tokenizer
         self.preprocess_cfg = dict(preprocess_cfg)
         self.image_transform = image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
@@ -215,5 +219,7 @@ class FlamingoProcessor:
         path = directory / PREPROCESSOR_CONFIG_NAME
         if not path.is_file():
             raise ValueError(f"{directory} holds no {PREPROCESSOR_CONFIG_NAME}; was it written by save_pretrained?")
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(directory, **tokenizer_kwargs)
         return cls(tokenizer, read_json(path))

@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
+
+# open_clip is imported inside the functions that build or describe towers: importing it costs seconds (it pulls in
+# much of transformers), and a VisionEncoder wrapping a tower already built needs none of it.
 
 
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
@@ -119,6 +120,8 @@ def _visual_of(model: nn.Module) -> nn.Module:
 
 def preprocess_cfg_of(visual: nn.Module) -> dict[str, Any]:
     """The tower's inference preprocessing config (size, mean, std, interpolation, resize mode)."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
     base = dataclasses.asdict(PreprocessCfg())
     base["size"] = visual.image_size
     return merge_preprocess_dict(base, getattr(visual, "preprocess_cfg", None) or {})
@@ -138,6 +141,8 @@ def load_vision_encoder(
     ``weights_follow``: the caller loads the weights itself next, so open_clip's "initialized randomly" warning
     would be wrong and is not shown.
     """
+    import open_clip
+
     if isinstance(vision_model, nn.Module):
         visual = _visual_of(vision_model)
         return VisionEncoder(visual, feature_stage), preprocess_cfg_of(visual), None
@@ -168,6 +173,8 @@ class _DropRandomInitWarning(logging.Filter):
 
 def register_model_config(name: str, model_cfg: dict[str, Any]) -> None:
     """Make a saved open_clip architecture known under ``name`` (for configs registered in another process)."""
+    import open_clip
+
     if open_clip.get_model_config(name) is not None:
         return
     path = Path(tempfile.mkdtemp(prefix="flamingo-open-clip-")) / f"{name}.json"
