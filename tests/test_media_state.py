@@ -3,6 +3,7 @@ across calls computes what the plain computation does, and projects the images o
 
 import copy
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +233,31 @@ def test_continuation_calls_that_bring_new_images_equal_one_forward_over_the_who
     per_call = [max(b) for b in brought if max(b)]
     assert projected.slots == [t for t in per_call for _ in model.cross_attn_blocks]
     assert out.media_state.images_seen.tolist() == [3, 2]
+
+
+def test_the_readmes_decoding_by_hand_example_runs_and_its_new_image_is_seen(tiny_vision, tiny_llama_dir):
+    """The README's "Decoding by hand" block, run as written: the logits after the new image equal one plain
+    forward over everything it fed the model, both images included."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("**Decoding by hand**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    model, processor = build_tiny_model(tiny_vision, tiny_llama_dir)
+    images = random_images(2, seed=4)
+    batch = processor([images[0], "A cat and a"])
+    fed = []
+    original_forward = type(model).forward
+
+    def recording(self, input_ids, *args, **kwargs):
+        fed.append(input_ids)
+        return original_forward(self, input_ids, *args, **kwargs)
+
+    namespace = {"model": model, "processor": processor, "torch": torch, "input_ids": batch["input_ids"],
+                 "pixels": batch["pixel_values"], "mask": batch["attention_mask"], "new_image": images[1]}
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(model), "forward", recording)
+        exec(block, namespace)
+    out = namespace["out"]
+    assert out.media_state.images_seen.tolist() == [2] and len(fed) == 22
+    ids = torch.cat(fed, dim=1)
+    with torch.no_grad():
+        full = model(ids, pixel_values=torch.cat([batch["pixel_values"], processor.preprocess_images([[images[1]]])], 1))
+    torch.testing.assert_close(out.logits[0, -1], full.logits[0, -1], rtol=1e-5, atol=1e-5)
