@@ -13,7 +13,17 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
-from train_loop_helpers import REPO, bitwise_equal, check, final_weights, frozen_parameters, read_metrics, run_training
+from train_loop_helpers import (
+    REPO,
+    TINY_CPU,
+    bitwise_equal,
+    check,
+    final_weights,
+    frozen_parameters,
+    read_metrics,
+    run_training,
+    tiny_config,
+)
 
 import flamingo
 import flamingo_train.train as train_module
@@ -23,6 +33,7 @@ from flamingo_train.data.config import DataConfig
 from flamingo_train.data.loader import build_dataloader
 from flamingo_train.data.synthetic import write_synthetic_dataset
 from flamingo_train.example import write_example
+from flamingo_train.metrics_log import truncate_metrics
 from flamingo_train.optim import build_scheduler, param_groups
 from flamingo_train.train import train
 from flamingo.testing import random_images
@@ -30,7 +41,6 @@ from models import build_tiny_model
 
 CONFIGS = sorted((REPO / "training" / "configs").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO / "training" / "configs" / "accelerate").glob("*.yaml"))
-TINY_CPU = REPO / "training" / "configs" / "tiny_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +60,6 @@ def fresh_accelerate_state():
     yield
     torch.set_num_threads(threads)
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def tiny_config(example, output_dir, *overrides):
-    """The shipped tiny CPU config, pointed at the example's model and data."""
-    return load_config(
-        TINY_CPU,
-        overrides=[
-            f"model.pretrained={example / 'model'}",
-            f"data.0.path={example / 'data' / 'data.jsonl'}",
-            f"run.output_dir={output_dir}",
-            *overrides,
-        ],
-    )
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -316,14 +313,14 @@ def test_one_mixture_step_is_adamw_on_the_weighted_sum_of_per_dataset_token_mean
 
 
 def test_a_nonfinite_loss_skips_the_update_and_is_counted(example, tmp_path, monkeypatch):
-    real, calls = train_module.label_token_loss_sum, []
+    real, calls = train_module.forward_losses, []
 
     def nan_on_third_call(model, batch):
         calls.append(1)
-        loss = real(model, batch)
-        return loss * float("nan") if len(calls) == 3 else loss
+        loss, aux, stats = real(model, batch)
+        return (loss * float("nan") if len(calls) == 3 else loss), aux, stats
 
-    monkeypatch.setattr(train_module, "label_token_loss_sum", nan_on_third_call)
+    monkeypatch.setattr(train_module, "forward_losses", nan_on_third_call)
     train(tiny_config(example, tmp_path / "run", "run.max_steps=4", "run.log_every=1", "run.save_every=1",
                       "run.keep_last=4"))
     metrics = read_metrics(tmp_path / "run")
@@ -341,14 +338,14 @@ def test_a_nonfinite_micro_batch_keeps_the_whole_step_out_of_the_logged_loss(exa
     accumulate = ["run.grad_accum_steps=2", "data.0.batch_size=4", "run.save_every=0"]
     train(tiny_config(example, tmp_path / "one", *accumulate, "run.max_steps=1", "run.log_every=1"))
     AcceleratorState._reset_state(reset_partial_state=True)
-    real, calls = train_module.label_token_loss_sum, []
+    real, calls = train_module.forward_losses, []
 
     def nan_on_fourth_call(model, batch):  # step 2's second micro-batch; its first one was finite
         calls.append(1)
-        loss = real(model, batch)
-        return loss * float("nan") if len(calls) == 4 else loss
+        loss, aux, stats = real(model, batch)
+        return (loss * float("nan") if len(calls) == 4 else loss), aux, stats
 
-    monkeypatch.setattr(train_module, "label_token_loss_sum", nan_on_fourth_call)
+    monkeypatch.setattr(train_module, "forward_losses", nan_on_fourth_call)
     train(tiny_config(example, tmp_path / "two", *accumulate, "run.max_steps=2", "run.log_every=2"))
     (logged,) = read_metrics(tmp_path / "two")
     assert logged["skipped_steps"] == 1
@@ -399,7 +396,7 @@ def test_a_dataset_added_to_the_mixture_starts_from_its_beginning_on_resume(exam
 def test_a_partial_last_metrics_line_left_by_a_killed_job_does_not_stop_the_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    train_module._truncate_metrics(path, after_step=2)
+    truncate_metrics(path, after_step=2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
 
 
@@ -478,7 +475,7 @@ def test_a_killed_run_resumed_with_auto_ends_with_bitwise_the_same_weights(examp
     common = ["run.max_steps=6", "run.save_every=2", "run.log_every=1"]
     train_here(config, f"run.output_dir={tmp_path / 'whole'}", *common)
 
-    killed = run_training(config, f"run.output_dir={tmp_path / 'cut'}", *common, "run.kill_after_step=5")
+    killed = run_training(config, f"run.output_dir={tmp_path / 'cut'}", *common, kill_after_step=5)
     assert killed.returncode == 17, killed.stdout[-2000:]
     assert [p.name for p in complete_checkpoints(tmp_path / "cut")] == ["step-00000002", "step-00000004"]
     partial = tmp_path / "cut" / "checkpoints" / ".tmp-step-00000006"  # as if killed while saving

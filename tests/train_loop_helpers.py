@@ -10,8 +10,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from flamingo_train.config import load_config
+
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+KILL_AFTER_STEP = Path(__file__).resolve().with_name("kill_after_step.py")
+TINY_CPU = REPO / "training" / "configs" / "tiny_cpu.yaml"
 
 
 def subprocess_env():
@@ -27,14 +31,17 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_training(config, *args, processes=1, timeout=300):
+def run_training(config, *args, processes=1, kill_after_step=None, timeout=300):
     """Run ``flamingo_train`` on ``processes`` CPU processes; returns the CompletedProcess (stdout+stderr merged).
 
     Two processes go through ``accelerate launch --multi_gpu`` (torchrun underneath): accelerate's ``--cpu`` flag
     starts a single process unless MPI is installed; on a machine without GPUs the loop asks accelerate for a CPU
-    (gloo) run itself.
+    (gloo) run itself. ``kill_after_step=N`` (one process) kills the run hard after step N (tests/kill_after_step.py).
     """
-    if processes == 1:
+    if kill_after_step is not None:
+        assert processes == 1, "kill_after_step runs one process"
+        command = [sys.executable, str(KILL_AFTER_STEP), str(kill_after_step)]
+    elif processes == 1:
         command = [sys.executable, "-m", "flamingo_train"]
     else:
         command = [
@@ -46,6 +53,19 @@ def run_training(config, *args, processes=1, timeout=300):
     return subprocess.run(
         command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=timeout,
+    )
+
+
+def tiny_config(example, output_dir, *overrides):
+    """The shipped tiny CPU config, pointed at the model and data ``flamingo_train.example`` wrote into ``example``."""
+    return load_config(
+        TINY_CPU,
+        overrides=[
+            f"model.pretrained={example / 'model'}",
+            f"data.0.path={example / 'data' / 'data.jsonl'}",
+            f"run.output_dir={output_dir}",
+            *overrides,
+        ],
     )
 
 
