@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .classification import candidate_log_probs, continuation_token_ids
 from .files import Example, TaskData, field_of, read_jsonl_lines
 from .kinds import Kind, records_by_id
 from .official import id_key
@@ -113,6 +112,9 @@ class EpisodeDemos:
 # ------------------------------------------------------------------------------------------------ the kind
 def rank_choices(model, tokenizer, *, prompts: list[str], media, queries: Sequence[Example], class_batch_size: int = 8):
     """(B lists) mean per-token log-probability of " {word}." after each prompt, for each query's own choices."""
+    # Imported here: the scoring needs torch, and the task registry (read by the command lines) must load without it.
+    from .classification import candidate_log_probs, continuation_token_ids
+
     candidates = [
         continuation_token_ids(tokenizer, prompt, [binding_continuation(w) for w in q.choices])
         for prompt, q in zip(prompts, queries)

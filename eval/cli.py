@@ -45,10 +45,20 @@ import json
 import sys
 from pathlib import Path
 
+from flamingo.configuration import DTYPE_NAMES
+from flamingo.typed_config import FieldError, field_default
+
+from .config import EvalConfig
 from .score import scored_custom_kinds, scored_tasks
 from .tasks import custom_kinds, task_names, tasks_named
 
-DEFAULT_SEEDS = (42, 43, 44)
+# Every module above is light (no torch, no transformers): --help and flag errors answer at once. The runner and the
+# model stack are imported in main(), once the flags are known to be good.
+
+
+def default(name: str):
+    """The default of an EvalConfig field: the flags take theirs from there, so the two cannot drift apart."""
+    return field_default(EvalConfig, name)
 
 
 def _layout_keys(name: str) -> list[str]:
@@ -88,48 +98,79 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, required=True, help="directory written by Flamingo.save_pretrained (+ processor)"
     )
     run.add_argument("--tasks", nargs="+", required=True, choices=task_names())
-    run.add_argument("--shots", nargs="+", type=int, default=[0, 4, 8, 16, 32])
+    run.add_argument("--shots", nargs="+", type=int, default=default("shots"))
     run.add_argument("--trials", type=int, default=None, help="number of seeds (default: len(--seeds), else 1)")
+    first_seed = default("seeds")[0]
     run.add_argument(
-        "--seeds", nargs="+", type=int, default=None, help=f"trial seeds (default {list(DEFAULT_SEEDS)}...)"
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"trial seeds (default: {first_seed}; with --trials N: {first_seed}, {first_seed + 1}, ...)",
     )
-    run.add_argument("--data-dir", type=Path, default=None)
+    run.add_argument("--data-dir", type=Path, default=default("data_dir"))
     run.add_argument("--path", action="append", default=[], metavar="TASK.KEY=FILE", help="override one data file")
-    run.add_argument("--custom-kind", choices=custom_kinds(), default=None, help="what --tasks custom holds")
+    run.add_argument(
+        "--custom-kind", choices=custom_kinds(), default=default("custom_kind"), help="what --tasks custom holds"
+    )
     run.add_argument("--rices", action="store_true", help="demos by CLIP image similarity instead of at random")
     run.add_argument(
-        "--rices-vision-model", default=None, help="open_clip model for RICES (default: the model's tower)"
+        "--rices-vision-model",
+        default=default("rices_vision_model"),
+        help="open_clip model for RICES (default: the model's tower)",
     )
-    run.add_argument("--rices-vision-pretrained", default=None)
-    run.add_argument("--rices-cache-dir", type=Path, default=None, help="default: <output>.rices/")
-    run.add_argument("--query-set-size", type=int, default=2048, help="size of the random demo pool per seed")
-    run.add_argument("--num-samples", type=int, default=None, help="evaluate this many random queries (default all)")
-    run.add_argument("--batch-size", type=int, default=8)
-    run.add_argument("--class-batch-size", type=int, default=8, help="class names scored per cached-prompt copy")
-    run.add_argument("--num-beams", type=int, default=None)
+    run.add_argument("--rices-vision-pretrained", default=default("rices_vision_pretrained"))
+    run.add_argument(
+        "--rices-cache-dir", type=Path, default=default("rices_cache_dir"), help="default: <output>.rices/"
+    )
+    run.add_argument(
+        "--query-set-size",
+        type=int,
+        default=default("query_set_size"),
+        help=f"size of the random demo pool per seed (default {default('query_set_size')})",
+    )
+    run.add_argument(
+        "--num-samples",
+        type=int,
+        default=default("num_samples"),
+        help="evaluate this many random queries (default all)",
+    )
+    run.add_argument("--batch-size", type=int, default=default("batch_size"))
+    run.add_argument(
+        "--class-batch-size",
+        type=int,
+        default=default("class_batch_size"),
+        help="class names scored per cached-prompt copy",
+    )
+    run.add_argument("--num-beams", type=int, default=default("num_beams"))
     run.add_argument(
         "--max-new-tokens",
         type=int,
-        default=None,
+        default=default("max_new_tokens"),
         help="default: the task's (custom caption/vqa: the longest reference answer in tokens + 2)",
     )
     run.add_argument(
         "--demo-separator",
         type=parse_escapes,
-        default=None,
+        default=default("demo_separator"),
         metavar="TEXT",
         help="text between demos, escapes decoded ('\\n', or '' as in training's chunk layout); default: the task's",
     )
     run.add_argument(
         "--zero-shot-text-demos",
         type=_count,
-        default=None,
+        default=default("zero_shot_text_demos"),
         metavar="N",
         help="text-only demos in a 0-shot prompt (0: the query alone); default: the task's, 2 as in OpenFlamingo",
     )
-    run.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    run.add_argument("--output", type=Path, default=Path("results.json"))
-    run.add_argument("--predictions-dir", type=Path, default=None, help="write official-format prediction files here")
+    run.add_argument("--dtype", choices=DTYPE_NAMES, default=default("dtype"))
+    run.add_argument("--output", type=Path, default=default("output"), help=f"default: {default('output')}")
+    run.add_argument(
+        "--predictions-dir",
+        type=Path,
+        default=default("predictions_dir"),
+        help="write official-format prediction files here",
+    )
     files = run.add_argument_group(
         "data files", "override single entries of the --data-dir layout (flamingo_eval.data)"
     )
@@ -160,12 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """Parse the ``run`` flags into an :class:`EvalConfig` (ValueError on inconsistent flags)."""
-    from .runner import EvalConfig
-
     seeds = args.seeds
-    if seeds is None:
+    if seeds is None:  # consecutive seeds from EvalConfig's first
         trials = args.trials or 1
-        seeds = [DEFAULT_SEEDS[0] + i for i in range(trials)]
+        seeds = [default("seeds")[0] + i for i in range(trials)]
     elif args.trials is not None:
         if args.trials > len(seeds):
             raise ValueError(f"--trials {args.trials} needs at least that many --seeds; got {seeds}.")
@@ -186,6 +225,13 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError(f"--tasks {name} needs --custom-kind {'|'.join(custom_kinds(name))}.")
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise ValueError(f"--data-dir {args.data_dir}: directory not found.")
+    try:
+        return _eval_config(args, seeds=seeds, paths=paths)
+    except FieldError as error:  # EvalConfig's own checks, said in terms of the flag
+        raise ValueError(f"--{error.field.replace('_', '-')}: {error.message}") from None
+
+
+def _eval_config(args: argparse.Namespace, *, seeds: list[int], paths: dict) -> EvalConfig:
     return EvalConfig(
         model=args.model,
         tasks=args.tasks,
@@ -228,10 +274,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(json.dumps(scores))
         else:
+            config = config_from_args(args)  # flag errors first: the runner imports torch and transformers
+            if not Path(config.model).is_dir():
+                raise ValueError(f"--model {args.model}: directory not found.")
             from .results import markdown_table
             from .runner import Evaluator
 
-            results = Evaluator(config_from_args(args)).run()
+            results = Evaluator(config).run()
             if results is not None:  # the main process
                 print(markdown_table(results["summary"]))
     except ValueError as error:

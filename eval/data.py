@@ -79,10 +79,7 @@ from .files import (  # noqa: F401  (re-exported: the public names readers and c
     read_jsonl,
 )
 from .readers import read_class_names  # noqa: F401
-from .tasks import Task, custom_kinds, get_task, task_names
-
-TASKS = task_names()  # the registered task names at import (``flamingo_eval.tasks.task_names()`` for the live list)
-CUSTOM_KINDS = custom_kinds()
+from .tasks import Task, custom_kinds, get_task
 
 
 def task_dir(task: str | Task, data_dir: Path, *, custom_kind: str | None = None) -> Path:

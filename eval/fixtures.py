@@ -13,11 +13,6 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from flamingo.io import atomic_write_text
-
 _SUBJECTS = ["a dog", "two cats", "a man", "a woman", "a red bus", "three birds", "a child", "an old train"]
 _ACTIONS = ["sitting on", "running across", "standing next to", "looking at", "riding", "parked near"]
 _PLACES = ["a wooden bench", "the street", "a grassy field", "the beach", "a kitchen table", "a snowy hill"]
@@ -45,11 +40,19 @@ def _qa(rng: random.Random) -> tuple[str, list[str]]:
 
 
 def _write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1))
+    _write_text(path, json.dumps(data, indent=1))
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    _write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _write_text(path: Path, text: str) -> None:
+    # Imported here, as numpy and PIL below: the task registry names these writers, and the command lines that read
+    # the registry must start without torch (which flamingo.io imports).
+    from flamingo.io import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 class FixtureImages:
@@ -59,6 +62,9 @@ class FixtureImages:
         self.seed = seed
 
     def save(self, path: Path) -> None:
+        import numpy as np
+        from PIL import Image
+
         path.parent.mkdir(parents=True, exist_ok=True)
         # Random non-square pixels (like flamingo.testing.random_images, without importing the model stack).
         pixels = np.random.default_rng(self.seed).integers(0, 256, size=(24, 32, 3), dtype=np.uint8)

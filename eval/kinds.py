@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .classification import class_log_probs
 from .files import Example
-from .generation import generate_answers
 from .metrics import cider, roc_auc, vqa_accuracy
 from .metrics.vqa import vqa_rule
 from .official import caption_references, check_ids, id_key, jsonl_labels, predictions_by_id, vqa_answers
@@ -72,6 +70,14 @@ class Kind:
     def episode_demos(self, data):
         """A demo sampler over each query's own episode, or None: demos come from the support pool."""
         return None
+
+
+def _generate(model, tokenizer, **kwargs) -> list[dict]:
+    # Imported here, not at the top: generation needs torch and transformers, and the task registry (which the
+    # command lines read for their choices) must load without them.
+    from .generation import generate_answers
+
+    return generate_answers(model, tokenizer, **kwargs)
 
 
 def records_by_id(records: list[dict], examples: Sequence[Example], what: str) -> dict[str, dict]:
@@ -120,7 +126,7 @@ class Captioning(Kind):
         return "cider"
 
     def predict(self, model, tokenizer, *, prompts, media, spec, queries, class_batch_size: int) -> list[dict]:
-        return generate_answers(model, tokenizer, prompts=prompts, media=media, spec=spec)
+        return _generate(model, tokenizer, prompts=prompts, media=media, spec=spec)
 
     def prediction_record(self, example: Example, output: Any) -> dict:
         return {"image_id": example.id, "caption": str(output)}
@@ -163,7 +169,7 @@ class Vqa(Kind):
         return "accuracy"
 
     def predict(self, model, tokenizer, *, prompts, media, spec, queries, class_batch_size: int) -> list[dict]:
-        return generate_answers(model, tokenizer, prompts=prompts, media=media, spec=spec)
+        return _generate(model, tokenizer, prompts=prompts, media=media, spec=spec)
 
     def prediction_record(self, example: Example, output: Any) -> dict:
         if self.image_key:
@@ -215,6 +221,8 @@ class Classification(Kind):
         return "accuracy" if self.positive is None else "roc_auc"
 
     def predict(self, model, tokenizer, *, prompts, media, spec, queries, class_batch_size: int) -> list[dict]:
+        from .classification import class_log_probs  # torch: imported when a model runs, not with the registry
+
         scores = class_log_probs(
             model, tokenizer, prompts=prompts, media=media, class_names=spec.class_names, class_batch_size=class_batch_size
         )

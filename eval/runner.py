@@ -1,6 +1,7 @@
 """The few-shot evaluation loop: for each task, seed and shot count, build prompts, run the model, score, save.
 
-Run it through the CLI (``flamingo-eval run ...``, see ``flamingo_eval.cli``) or from Python::
+Run it through the CLI (``flamingo-eval run ...``, see ``flamingo_eval.cli``) or from Python (``EvalConfig`` lives in
+``flamingo_eval.config`` and is importable from here too)::
 
     config = EvalConfig(model=Path("my-flamingo"), tasks=["coco"], shots=[0, 4], seeds=[42], data_dir=Path("data"))
     results = Evaluator(config).run()           # also writes config.output (results JSON)
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from flamingo import Flamingo, FlamingoProcessor
-from flamingo.configuration import DTYPE_NAMES, torch_dtype
-from flamingo.micro import resolve_model_path
+from flamingo.configuration import torch_dtype
 
+from .config import EvalConfig
 from .data import load_task_data
 from .demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
 from .generation import count_truncated
@@ -39,49 +38,6 @@ from .metrics.okvqa_stem import require_stem_backend
 from .results import ProgressLog, settings_hash, write_results
 from .score import trial_scores, write_predictions
 from .tasks import Task, TaskSpec, get_task, spec_for_data
-
-
-@dataclass
-class EvalConfig:
-    """Everything one evaluation run needs; the CLI fills it from its flags."""
-
-    model: Path
-    tasks: list[str]
-    shots: list[int] = field(default_factory=lambda: [0, 4, 8, 16, 32])
-    seeds: list[int] = field(default_factory=lambda: [42])
-    data_dir: Path | None = None
-    paths: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> {layout key: file} overrides
-    custom_kind: str | None = None
-    rices: bool = False
-    rices_vision_model: str | None = None  # None: the model's own vision tower
-    rices_vision_pretrained: str | None = None
-    rices_cache_dir: Path | None = None  # None: <output>.rices/
-    query_set_size: int = 2048
-    num_samples: int | None = None  # None: every query
-    batch_size: int = 8
-    class_batch_size: int = 8
-    output: Path = Path("results.json")
-    predictions_dir: Path | None = None
-    num_beams: int | None = None  # None: the task's default (3)
-    max_new_tokens: int | None = None  # None: the task's default
-    demo_separator: str | None = None  # None: the task's default ("\n" captioning/VQA/binding, "" classification)
-    zero_shot_text_demos: int | None = None  # None: the task's (2 text-only demos at 0 shots, as OpenFlamingo)
-    dtype: str = "float32"
-    media_cache: bool = True  # encode each distinct image once per run (False re-encodes every batch)
-
-    def __post_init__(self):
-        if self.model is not None:  # "micro": the shipped model (a local directory of that name wins)
-            self.model = resolve_model_path(self.model)
-        if not self.tasks:
-            raise ValueError("No tasks given.")
-        if any(k < 0 for k in self.shots):
-            raise ValueError(f"shots must be >= 0; got {self.shots}.")
-        if self.batch_size < 1 or self.class_batch_size < 1:
-            raise ValueError("batch_size and class_batch_size must be >= 1.")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1; got {self.num_samples}.")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}; got {self.dtype!r}.")
 
 
 class MediaCache:
@@ -134,12 +90,10 @@ class MediaCache:
 
 
 class Evaluator:
-    """Runs :class:`EvalConfig`. ``model``/``processor`` may be passed in (tests, benchmarks) instead of loaded.
+    """Runs :class:`EvalConfig` (``flamingo_eval.config``). ``model``/``processor`` may be passed in (tests,
+    benchmarks, training's in-loop evaluation) instead of loaded."""
 
-    ``after_batch(task, shots, seed, batch_index)`` is called after each newly computed batch (a test hook).
-    """
-
-    def __init__(self, config: EvalConfig, *, model=None, processor=None, after_batch: Callable | None = None):
+    def __init__(self, config: EvalConfig, *, model=None, processor=None):
         from accelerate import PartialState
 
         self.config = config
@@ -151,7 +105,6 @@ class Evaluator:
         self.model = model.to(self.state.device).eval()
         self.processor = processor
         self.media_cache = MediaCache(self.model, processor, enabled=config.media_cache)
-        self.after_batch = after_batch
         self.batches_computed = 0
         self.progress_dir = Path(str(config.output) + ".progress")
         self._embedder = None
@@ -281,8 +234,6 @@ class Evaluator:
             log.append(batch, batch_records)
             records.extend(batch_records)
             self.batches_computed += 1
-            if self.after_batch is not None:
-                self.after_batch(task.name, shots, seed, batch)
         if state.num_processes > 1:
             records = gather_object(records)
         if not state.is_main_process:

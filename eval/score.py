@@ -41,8 +41,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from flamingo.io import atomic_write_text
-
 from .files import Example
 from .official import caption_references, vqa_answers  # noqa: F401  (re-exported)
 from .tasks import REGISTRY, Task, custom_kinds, get_task, task_names
@@ -58,9 +56,6 @@ def scored_custom_kinds() -> tuple[str, ...]:
     return tuple(dict.fromkeys(t.custom_kind for t in REGISTRY.values() if t.custom_kind and t.kind.scores_files))
 
 
-SCORED_TASKS = scored_tasks()
-
-
 # ------------------------------------------------------------------------------------------------ predictions
 def prediction_record(task: str | Task, example: Example, output: Any, *, custom_kind: str | None = None) -> dict:
     """One prediction in ``task``'s official results format. ``output``: the caption or answer (str), P("yes") for
@@ -74,6 +69,8 @@ def write_predictions(task: str | Task, records: Sequence[dict], path: Path) -> 
     if not all(isinstance(r, dict) for r in records):
         name = task.label if isinstance(task, Task) else task
         raise ValueError(f"write_predictions({name!r}): records must be dicts from prediction_record")
+    from flamingo.io import atomic_write_text  # here: it imports torch, which scoring and the CLI's parser need not
+
     path = Path(path)
     # ASCII escapes: the same JSON to every reader, and no UnicodeEncodeError where the locale is C (batch jobs).
     atomic_write_text(path, json.dumps(records))

@@ -310,7 +310,3 @@ for _task in (
 ):
     register(_task)
 del _task
-
-# Snapshots of the built-ins, kept for callers that list them (tests, notebooks).
-TASK_SPECS: dict[str, TaskSpec] = {task.name: task.spec for task in REGISTRY.values() if task.custom_kind is None}
-CUSTOM_KINDS = custom_kinds()

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_text
+from .typed_config import build
 
 CONFIG_NAME = "config.json"
 # dtype names accepted by config files and command lines (training's lang_model_dtype, flamingo-eval --dtype).
@@ -101,25 +103,24 @@ class FlamingoConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FlamingoConfig:
-        known = {f.name for f in dataclasses.fields(cls)} | set(_LEGACY_TOKEN_FIELDS)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown FlamingoConfig fields {unknown}; known fields are {sorted(known)}.")
-        data = dict(data)
-        for legacy, value in _LEGACY_TOKEN_FIELDS.items():  # written by flamingo 0.1, never read
-            if data.get(legacy, value) != value:
-                raise ValueError(f"config field {legacy}={data[legacy]!r} is not supported; the token is {value!r}.")
-            data.pop(legacy, None)
-        data["perceiver"] = PerceiverConfig(**data.get("perceiver", {}))
-        data["cross_attention"] = CrossAttentionConfig(**data.get("cross_attention", {}))
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "FlamingoConfig") -> FlamingoConfig:
+        """Build from a JSON mapping, every field's type checked (``flamingo.typed_config``); ``where`` names the
+        source in errors: ``config.json: perceiver.depth: expected int, got 2.0 (float)``."""
+        if isinstance(data, Mapping):
+            data = dict(data)
+            for legacy, value in _LEGACY_TOKEN_FIELDS.items():  # written by flamingo 0.1, never read
+                if data.get(legacy, value) != value:
+                    raise ValueError(f"{where}: {legacy}: {data[legacy]!r} is not supported; the token is {value!r}.")
+                data.pop(legacy, None)
+        return build(cls, data, where=where)
 
     def save(self, directory: str | Path) -> None:
         atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> FlamingoConfig:
+        """``directory/config.json``; a missing or damaged file, or a field of the wrong type, is a ValueError naming
+        the file (and the field)."""
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise ValueError(f"{directory} holds no {CONFIG_NAME}; is it a directory written by save_pretrained?")
@@ -127,4 +128,4 @@ class FlamingoConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
-        return cls.from_dict(data)
+        return cls.from_dict(data, where=str(path))

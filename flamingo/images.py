@@ -26,8 +26,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Image.Image | str | Path | bytes | np.ndarray | torch.Tensor
 
-IMAGE_TYPES = (Image.Image, str, Path, bytes, np.ndarray, torch.Tensor)
-
 _CHANNELS = (1, 3, 4)
 
 

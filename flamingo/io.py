@@ -10,11 +10,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported by the two functions that need them: reading or writing a config must not pay
+# for torch (the command lines check configs before it loads).
 
 
 def _default_file_mode() -> int:
@@ -45,6 +47,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
     # safetensors refuses shared or non-contiguous storage; our tensors are small, so clone them.
     tensors = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
     _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -62,6 +66,9 @@ def read_json(path: str | Path) -> Any:
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors in ``path``; a truncated or damaged file (an interrupted download or copy) is named as such."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except SafetensorError as error:

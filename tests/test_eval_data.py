@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from flamingo_eval.data import TASKS, default_layout, load_task_data
+from flamingo_eval.data import default_layout, load_task_data
+from flamingo_eval.tasks import task_names
 from flamingo_eval.testing import write_fixture_data
 
 
@@ -18,7 +19,7 @@ def _load(task, root, **kwargs):
     return load_task_data(task, data_dir=root, custom_kind="caption" if task == "custom" else None, **kwargs)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", task_names())
 def test_every_task_loads_its_fixture_with_the_requested_split_sizes_and_existing_images(task, root):
     data = _load(task, root)
     assert data.task == task

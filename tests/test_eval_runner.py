@@ -28,7 +28,7 @@ from flamingo_eval.demos import ImageEmbedder, RandomDemos, RicesDemos, cached_f
 from flamingo_eval.results import ProgressLog, summarize
 from flamingo_eval.runner import EvalConfig, Evaluator, MediaCache, load_model
 from flamingo_eval.score import score_files
-from flamingo_eval.tasks import TASK_SPECS, get_task, get_task_spec
+from flamingo_eval.tasks import custom_kinds, get_task, get_task_spec, task_names
 from flamingo_eval.testing import write_fixture_data
 
 
@@ -87,7 +87,9 @@ def test_prompts_are_openflamingos_with_newline_after_generation_demos_only():
     )
     assert get_task_spec("textvqa").max_new_tokens == 10 and get_task_spec("vqav2").max_new_tokens == 5
     assert get_task_spec("coco").max_new_tokens == 20 and all(
-        s.num_beams == 3 and s.length_penalty == 0 for s in TASK_SPECS.values()
+        get_task_spec(name).num_beams == 3 and get_task_spec(name).length_penalty == 0
+        for name in task_names()
+        if not custom_kinds(name)  # the named benchmarks
     )
 
 
@@ -109,8 +111,8 @@ def test_postprocess_cuts_at_the_next_template_word_then_at_the_first_comma():
 def test_custom_task_needs_a_kind_and_takes_the_matching_spec():
     with pytest.raises(ValueError, match="custom_kind"):
         get_task_spec("custom")
-    assert get_task_spec("custom", custom_kind="vqa").template == TASK_SPECS["vqav2"].template
-    assert get_task_spec("custom", custom_kind="caption").template == TASK_SPECS["coco"].template
+    assert get_task_spec("custom", custom_kind="vqa").template == get_task_spec("vqav2").template
+    assert get_task_spec("custom", custom_kind="caption").template == get_task_spec("coco").template
 
 
 # ------------------------------------------------------------------------------------------------ demos
@@ -283,15 +285,36 @@ def test_generation_follows_the_protocol_not_the_language_models_own_generation_
     media = MediaCache(model, processor).media([[q.image] for q in query])
     plain = generate_answers(model, processor.tokenizer, prompts=prompts, media=media, spec=spec)
     saved = model.lang_model.generation_config
-    model.lang_model.generation_config = copy.deepcopy(saved)
+    model.lang_model.generation_config = tuned_config = copy.deepcopy(saved)
+    seen_during_the_call = []
+    original_generate = model.lang_model.generate
+
+    def generate(*args, **kwargs):  # what a second thread sharing the model would see meanwhile
+        seen_during_the_call.append(model.lang_model.generation_config)
+        return original_generate(*args, **kwargs)
+
     try:
         model.lang_model.generation_config.update(
             no_repeat_ngram_size=1, min_new_tokens=5, repetition_penalty=5.0, do_sample=True, top_k=2
         )
+        model.lang_model.generate = generate
         tuned = generate_answers(model, processor.tokenizer, prompts=prompts, media=media, spec=spec)
     finally:
+        del model.lang_model.generate
         model.lang_model.generation_config = saved
     assert tuned == plain
+    assert seen_during_the_call == [tuned_config] and seen_during_the_call[0] is tuned_config  # never swapped
+
+
+def test_a_language_model_setting_with_no_neutral_value_is_refused_by_name(loaded):
+    from flamingo.generation import exact_generation_config
+
+    model, _ = loaded
+    lm = copy.copy(model.lang_model)
+    lm.generation_config = copy.deepcopy(model.lang_model.generation_config)
+    lm.generation_config.update(forced_bos_token_id=3)
+    with pytest.raises(ValueError, match="generation_config sets forced_bos_token_id=3"):
+        exact_generation_config(lm, num_beams=3)
 
 
 def test_a_generation_that_uses_every_new_token_without_a_stop_is_truncated_and_warned_once(loaded, data_dir):
@@ -345,7 +368,8 @@ def test_custom_runs_report_truncations_and_the_vqa_rule_and_take_max_new_tokens
     filler = tokenizer("red", add_special_tokens=False).input_ids[0]
     budgets = []
 
-    def never_stops(input_ids, *, max_new_tokens, **kwargs):
+    def never_stops(input_ids, *, generation_config, **kwargs):
+        max_new_tokens = generation_config.max_new_tokens  # generate_answers passes its decoding per call
         budgets.append(max_new_tokens)
         return torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], max_new_tokens), filler)], dim=1)
 
@@ -481,7 +505,21 @@ def test_every_task_runs_end_to_end_at_0_and_2_shots(model_dir, data_dir, tmp_pa
         assert set(trial_values(custom_out)) == {("custom", k, 42, rices) for k in (0, 2)}
 
 
-def test_resumed_run_skips_finished_batches_and_equals_an_uninterrupted_run(loaded, data_dir, tmp_path):
+def interrupt_after_logged_batches(monkeypatch, stop):
+    """Make the runner raise ``stop(progress_log)``'s exception (if it returns one) right after a batch is logged, as a
+    kill or Ctrl-C at that moment would; the batch's line is on disk, so a rerun resumes after it."""
+    append = ProgressLog.append
+
+    def append_then_maybe_stop(log, batch, records):
+        append(log, batch, records)
+        error = stop(log)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(ProgressLog, "append", append_then_maybe_stop)
+
+
+def test_resumed_run_skips_finished_batches_and_equals_an_uninterrupted_run(loaded, data_dir, tmp_path, monkeypatch):
     model, processor = loaded
 
     def config(name):
@@ -505,14 +543,16 @@ def test_resumed_run_skips_finished_batches_and_equals_an_uninterrupted_run(load
     class Interrupt(Exception):
         pass
 
-    def stop_after_two(task, shots, seed, batch):
-        if stop_after_two.seen == 1:
-            raise Interrupt
-        stop_after_two.seen += 1
+    logged = []
 
-    stop_after_two.seen = 0
-    with pytest.raises(Interrupt):
-        Evaluator(config("resumed"), model=model, processor=processor, after_batch=stop_after_two).run()
+    def stop_after_two(log):
+        logged.append(log.name)
+        return Interrupt() if len(logged) == 2 else None
+
+    with monkeypatch.context() as patch:
+        interrupt_after_logged_batches(patch, stop_after_two)
+        with pytest.raises(Interrupt):
+            Evaluator(config("resumed"), model=model, processor=processor).run()
     resumed = Evaluator(config("resumed"), model=model, processor=processor)
     calls = []
     generate = model.generate
@@ -526,17 +566,20 @@ def test_resumed_run_skips_finished_batches_and_equals_an_uninterrupted_run(load
     assert trial_values(tmp_path / "resumed" / "results.json") == trial_values(tmp_path / "full" / "results.json")
 
 
-def test_an_interrupted_run_leaves_results_marked_incomplete_with_the_missing_trials(loaded, data_dir, tmp_path):
+def test_an_interrupted_run_leaves_results_marked_incomplete_with_the_missing_trials(
+    loaded, data_dir, tmp_path, monkeypatch
+):
     model, processor = loaded
     config = EvalConfig(model=None, tasks=["vqav2", "hateful_memes"], shots=[2], seeds=[7], data_dir=data_dir,
                         batch_size=2, max_new_tokens=3, output=tmp_path / "results.json")
 
-    def ctrl_c_in_the_second_task(task, shots, seed, batch):
-        if task == "hateful_memes":
-            raise KeyboardInterrupt
+    def ctrl_c_in_the_second_task(log):
+        return KeyboardInterrupt() if log.name.startswith("hateful_memes-") else None
 
-    with pytest.raises(KeyboardInterrupt):
-        Evaluator(config, model=model, processor=processor, after_batch=ctrl_c_in_the_second_task).run()
+    with monkeypatch.context() as patch:
+        interrupt_after_logged_batches(patch, ctrl_c_in_the_second_task)
+        with pytest.raises(KeyboardInterrupt):
+            Evaluator(config, model=model, processor=processor).run()
     partial = json.loads(config.output.read_text())
     assert partial["complete"] is False
     assert partial["missing"] == [{"task": "hateful_memes", "shots": 2, "seed": 7}]

@@ -40,21 +40,22 @@ def _edit_config(directory, **fields):
 
 
 @pytest.mark.parametrize(
-    "field, value, expected",
+    "field, value, where, expected, got",
     [
-        ("cross_attn_every_n_layers", "2", "int"),
-        ("cross_attn_every_n_layers", True, "int"),
-        ("trust_remote_code", "false", "bool"),
-        ("added_token_ids", [1, "2"], "list[int]"),
-        ("lang_model", 3, "str"),
+        ("cross_attn_every_n_layers", "2", "cross_attn_every_n_layers", "int", "'2' (str)"),
+        ("cross_attn_every_n_layers", True, "cross_attn_every_n_layers", "int", "True (bool)"),
+        ("trust_remote_code", "false", "trust_remote_code", "bool", "'false' (str)"),
+        ("added_token_ids", [1, "2"], "added_token_ids[1]", "int", "'2' (str)"),
+        ("added_token_ids", 5, "added_token_ids", "list[int]", "5 (int)"),
+        ("lang_model", 3, "lang_model", "str or None", "3 (int)"),
     ],
 )
 def test_a_config_field_of_the_wrong_type_names_the_file_the_field_and_both_types(
-    field, value, expected, copy_of_saved
+    field, value, where, expected, got, copy_of_saved
 ):
     _edit_config(copy_of_saved, **{field: value})
-    message = f"{copy_of_saved / 'config.json'}: field {field} must be {expected}"
-    with pytest.raises(ValueError, match=re.escape(message) + f".*got {type(value).__name__}"):
+    message = f"{copy_of_saved / 'config.json'}: {where}: expected {expected}, got {got}"
+    with pytest.raises(ValueError, match=re.escape(message)):
         flamingo.Flamingo.from_pretrained(copy_of_saved)
 
 
@@ -62,7 +63,16 @@ def test_a_nested_config_field_of_the_wrong_type_is_named_with_its_section(copy_
     config = json.loads((copy_of_saved / "config.json").read_text())
     config["perceiver"]["depth"] = 2.0
     (copy_of_saved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=re.escape("field perceiver.depth must be int") + ".*got float"):
+    with pytest.raises(ValueError, match=re.escape("config.json: perceiver.depth: expected int, got 2.0 (float)")):
+        flamingo.Flamingo.from_pretrained(copy_of_saved)
+
+
+def test_a_misspelt_config_field_names_the_file_and_the_field_it_resembles(copy_of_saved):
+    config = json.loads((copy_of_saved / "config.json").read_text())
+    config["perceiver"]["num_latnets"] = config["perceiver"].pop("num_latents")
+    (copy_of_saved / "config.json").write_text(json.dumps(config))
+    message = f"{copy_of_saved / 'config.json'}: perceiver.num_latnets: unknown field; did you mean num_latents?"
+    with pytest.raises(ValueError, match=re.escape(message) + " Known fields: depth, "):
         flamingo.Flamingo.from_pretrained(copy_of_saved)
 
 

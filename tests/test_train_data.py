@@ -544,9 +544,9 @@ def test_resuming_with_a_different_number_of_workers_is_refused(processor, tmp_p
 
 # ------------------------------------------------------------------------------------------------ config
 def test_data_config_rejects_unknown_fields_and_formats():
-    with pytest.raises(ValueError, match="unknown fields \\['batchsize'\\]"):
+    with pytest.raises(ValueError, match="DataConfig 'x': batchsize: unknown field; did you mean batch_size?"):
         DataConfig.from_dict({"name": "x", "path": "a.jsonl", "batchsize": 4})
-    with pytest.raises(ValueError, match="format must be one of"):
+    with pytest.raises(ValueError, match="DataConfig 'x': format: must be one of"):
         DataConfig(name="x", path="a.jsonl", format="csv")
 
 
@@ -606,7 +606,7 @@ def test_answer_labels_survive_truncation_and_reject_a_document_without_answers(
     assert _trained_text(processor, sample)[0].strip() == f"a cat{END_OF_CHUNK_TOKEN}"
     with pytest.raises(BadRecord, match="no trainable token"):
         builder.build(Document("", [("a", "just a caption")]))
-    with pytest.raises(ValueError, match="labels must be one of"):
+    with pytest.raises(ValueError, match="labels: must be one of"):
         DataConfig(name="d", path="x.jsonl", labels="answer")
 
 

@@ -15,7 +15,9 @@ from train_loop_helpers import REPO, bitwise_equal, read_metrics
 
 import flamingo
 import flamingo_train.train as train_module
+from flamingo.typed_config import field_default
 from flamingo_eval import cli as eval_cli
+from flamingo_eval.config import EvalConfig
 from flamingo_eval.testing import write_fixture_data
 from flamingo_train import cli as train_cli
 from flamingo_train.checkpoint import complete_checkpoints
@@ -146,7 +148,10 @@ def test_a_run_resumes_from_a_checkpoint_with_its_accelerate_state_in_a_subfolde
     "override,field",
     [("eval.tasks=[cocoa]", "eval.tasks"), ("eval.custom_kind=poem", "eval.custom_kind"),
      ("eval.shots=[-1]", "eval.shots"), ("eval.every=-5", "eval.every"), ("eval.batch_size=0", "eval.batch_size"),
-     ("eval.num_sample=4", "num_sample"), ("eval.best_metric=eval/coco/0shot", "eval.best_metric")],
+     ("eval.num_sample=4", "num_sample"), ("eval.best_metric=eval/coco/0shot", "eval.best_metric"),
+     ("eval.seed=3", "eval.seed: unknown field; did you mean seeds?"), ("eval.model=micro", "eval.model"),
+     ("eval.output=x.json", "eval.output"), ("eval.dtype=bfloat16", "eval.dtype"),
+     ("eval.seeds=[1, 1]", "eval.seeds")],
 )
 def test_a_bad_eval_field_is_an_error_naming_it_before_any_model_loads(files, monkeypatch, capsys, override, field):
     def no_training(config):
@@ -159,6 +164,25 @@ def test_a_bad_eval_field_is_an_error_naming_it_before_any_model_loads(files, mo
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()  # one line, naming the file and the field
     assert str(TINY_CPU) in line and field in line
+
+
+def test_the_eval_section_is_a_flamingo_eval_config_with_in_loop_defaults(tmp_path):
+    overrides = ["eval.tasks=[custom]", "eval.custom_kind=vqa", f"eval.data_dir={tmp_path}"]
+    section = load_config(TINY_CPU, overrides=overrides).eval
+    assert isinstance(section, EvalConfig)
+    # One source per default: only the in-loop ones differ from flamingo-eval's.
+    configured = {"model", "tasks", "custom_kind", "data_dir"}  # model and tasks have no flamingo-eval default
+    differ = {name for name in EvalConfig.__dataclass_fields__
+              if name not in configured and getattr(section, name) != field_default(EvalConfig, name)}
+    assert differ == {"output", "shots", "num_samples"} and (section.shots, section.num_samples) == ([0], 64)
+    assert section.model is None and section.output is None  # the trainer's to set
+    # Every flamingo-eval setting is there, and reaches the run as configured.
+    extra = ["eval.seeds=[1, 2]", "eval.zero_shot_text_demos=0", "eval.demo_separator=''", "eval.rices=true"]
+    section = load_config(TINY_CPU, overrides=[*overrides, *extra]).eval
+    run = section.run_config(output=tmp_path / "step.json")
+    assert type(run) is EvalConfig and run.model is None and run.output == tmp_path / "step.json"
+    assert (run.seeds, run.zero_shot_text_demos, run.demo_separator, run.rices) == ([1, 2], 0, "", True)
+    assert run.data_dir == tmp_path and run.shots == [0]
 
 
 def test_unreadable_eval_data_fails_before_the_model_loads(files, tmp_path, monkeypatch):

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.config, overrides=overrides, check_paths=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        # Imported here so that `--help` comes back without loading accelerate.
+        # Imported here, once the config is known to be good: the loop imports torch, transformers and accelerate
+        # (seconds), and `--help` or a config error answers before any of them (tests/test_startup.py).
         from flamingo_train.train import train
 
         result = train(config)

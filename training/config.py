@@ -5,18 +5,20 @@ Example::
 
     config = load_config("training/configs/tiny_cpu.yaml", overrides=["run.max_steps=20", "data.0.batch_size=4"])
 
-Each section is a dataclass, so a typo in a YAML key is a ValueError naming the file and the field, not a silently
-ignored setting. Values are checked across fields too (optimiser values included), and with ``check_paths=True`` the
-data paths (every file or glob exists, of a kind its format reads), so a bad config fails before any model loads.
-A ``data`` entry is addressed in overrides by its index or its ``name`` (``data.coco.loss_weight=2``).
+Each section is a dataclass, built by ``flamingo.typed_config``: a typo in a YAML key is a ValueError naming the file
+and the field, with the closest known one (``tiny_cpu.yaml: run.log_evry: unknown field; did you mean log_every?
+...``), not a silently ignored setting. Values are checked across fields too (optimiser values included), and with
+``check_paths=True`` the data paths (every file or glob exists, of a kind its format reads), so a bad config fails
+before any model loads. A ``data`` entry is addressed in overrides by its index or its ``name``
+(``data.coco.loss_weight=2``).
+
+Light on purpose (no torch, no datasets): ``flamingo-train`` loads and checks the whole config before it imports the
+training loop.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,16 @@ from typing import Any
 import yaml
 
 from flamingo.configuration import DTYPE_NAMES, CrossAttentionConfig, PerceiverConfig
+from flamingo.typed_config import apply_override, build, field_default, to_plain
+from flamingo_eval.config import EvalConfig
 from flamingo_train.data.config import DataConfig
-from flamingo_train.data.loader import check_paths as check_dataset_paths
+from flamingo_train.data.paths import check_paths as check_dataset_paths
+
+__all__ = [
+    "InLoopEvalConfig", "ModelConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "TrainConfig", "apply_override",
+    "check_data_paths", "config_from_dict", "eval_metric_key", "eval_metric_keys", "load_config", "validate",
+    "validate_eval",
+]
 
 
 @dataclass
@@ -77,6 +87,8 @@ class ScheduleConfig:
 
 @dataclass
 class RunConfig:
+    """Where the run writes, how long it runs, and how often it logs and saves."""
+
     output_dir: str = "runs/flamingo"
     max_steps: int = 1000  # optimiser steps
     grad_accum_steps: int = 1
@@ -95,9 +107,10 @@ class RunConfig:
 
 
 @dataclass
-class InLoopEvalConfig:
-    """Few-shot evaluation of the model being trained, with flamingo-eval's tasks (``flamingo_eval.tasks``), before
-    the first step, every ``every`` optimiser steps and after the last one (``every: 0``: only after the last). See in_loop_eval.py.
+class InLoopEvalConfig(EvalConfig):
+    """Few-shot evaluation of the model being trained: a ``flamingo-eval run`` (:class:`flamingo_eval.config.EvalConfig`,
+    every field of which it takes, with the same meaning) before the first step, every ``every`` optimiser steps and
+    after the last one (``every: 0``: only after the last). See in_loop_eval.py.
 
     Example (YAML)::
 
@@ -107,32 +120,38 @@ class InLoopEvalConfig:
           custom_kind: vqa          # what a ``custom`` task holds: caption | vqa | binding
           data_dir: data/my-vqa     # flamingo-eval's --data-dir layout
           shots: [0]
+          seeds: [42]               # draw the query subset and the demos, the same at every evaluation
           num_samples: 64           # a seeded random subset of the queries; null: all of them
           batch_size: 8
           keep_best: true           # export output_dir/best/ at the best score of ``best_metric``
 
     Each score is logged as ``eval/<task>/<shots>shot`` (``custom`` is ``custom_<kind>``), e.g.
-    ``eval/custom_vqa/0shot``, in the task's metric (VQA accuracy, CIDEr, ROC AUC; higher is better).
+    ``eval/custom_vqa/0shot``, in the task's metric (VQA accuracy, CIDEr, ROC AUC; higher is better), averaged over
+    ``seeds``. ``num_beams``, ``max_new_tokens``, ``demo_separator`` left at None take the task's own setting (as
+    ``flamingo-eval run``), so the scores match an evaluation of the export.
     """
 
-    every: int = 0
+    # Set by the trainer, so not in YAML (validate_eval): the model in memory, and output_dir/eval/step-N.json.
+    model: Path | None = None
+    output: Path | None = None
+    # Defaults that differ from flamingo-eval's: a quick check, not a benchmark run.
     tasks: list[str] = field(default_factory=list)
-    data_dir: str | None = None
-    custom_kind: str | None = None
     shots: list[int] = field(default_factory=lambda: [0])
-    seed: int = 42  # draws the query subset and the demos, the same at every evaluation
     num_samples: int | None = 64
-    batch_size: int = 8
-    # None: the task's own setting (as `flamingo-eval run`), so the scores match an evaluation of the export.
-    num_beams: int | None = None
-    max_new_tokens: int | None = None
-    demo_separator: str | None = None
+    every: int = 0
     keep_best: bool = False
     best_metric: str | None = None  # a metric key; None: the first task's first shot count
+
+    def run_config(self, *, output: Path) -> EvalConfig:
+        """The ``flamingo-eval run`` of one evaluation: every EvalConfig field as configured, the model in memory."""
+        shared = {name: getattr(self, name) for name in EvalConfig.__dataclass_fields__}
+        return EvalConfig(**{**shared, "model": None, "output": Path(output)})
 
 
 @dataclass
 class TrainConfig:
+    """The whole training config: one field per section of the YAML file (``data`` is a list of datasets)."""
+
     model: ModelConfig
     data: list[DataConfig]
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -141,11 +160,8 @@ class TrainConfig:
     eval: InLoopEvalConfig | None = None  # no section: no evaluation during training
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "run": RunConfig}
-OPTIONAL_SECTIONS = {"eval": InLoopEvalConfig}  # absent: None
+        """Plain values (paths as strings), ready for JSON or YAML."""
+        return to_plain(self)
 
 
 def load_config(path: str | Path, *, overrides: list[str] = (), check_paths: bool = False) -> TrainConfig:
@@ -168,147 +184,57 @@ def load_config(path: str | Path, *, overrides: list[str] = (), check_paths: boo
     return config
 
 
-def apply_override(raw: dict, override: str, *, where: str = "config") -> None:
-    """``run.max_steps=20`` / ``data.0.batch_size=4`` / ``data.coco.loss_weight=2`` edits ``raw`` in place."""
-    key, sep, value = override.partition("=")
-    if not sep or not key:
-        raise ValueError(f"Override {override!r} must look like section.field=value.")
-    parts = key.split(".")
-    node: Any = raw
-    for depth, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            node = _list_item(node, part, key)
-        else:
-            node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ValueError(f"Override {override!r}: {'.'.join(parts[: depth + 1])} in {where} is not a section.")
-    if isinstance(node, list):
-        raise ValueError(f"Override {override!r} names a whole data entry; name one of its fields.")
-    try:
-        node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:  # not YAML, e.g. a glob that starts with '*' (an alias in YAML): the plain string
-        node[parts[-1]] = value
-
-
-def _list_item(items: list, part: str, key: str) -> dict:
-    if part.isdigit() and int(part) < len(items):
-        return items[int(part)]
-    for item in items:
-        if isinstance(item, dict) and item.get("name") == part:
-            return item
-    names = [item.get("name") for item in items if isinstance(item, dict)]
-    raise ValueError(f"Override {key!r}: no data entry {part!r}; give an index below {len(items)} or one of {names}.")
-
-
 def config_from_dict(raw: dict, *, where: str = "config") -> TrainConfig:
-    unknown = sorted(set(raw) - set(SECTIONS) - set(OPTIONAL_SECTIONS) - {"data"})
-    if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; expected model, data, optim, schedule, run, eval.")
-    if "model" not in raw or "data" not in raw:
-        raise ValueError(f"{where}: the sections 'model' and 'data' are required.")
-    data = raw["data"]
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"{where}: 'data' must be a non-empty list of datasets.")
-    sections = {name: _build(cls, raw.get(name) or {}, f"{where}: {name}") for name, cls in SECTIONS.items()}
-    for name, cls in OPTIONAL_SECTIONS.items():
-        sections[name] = None if raw.get(name) is None else _build(cls, raw[name], f"{where}: {name}")
-    datasets = [_build(DataConfig, entry, f"{where}: data[{i}]") for i, entry in enumerate(data)]
-    config = TrainConfig(data=datasets, **sections)
+    """Build and validate a config from its parsed YAML (sections as mappings); ``where`` names it in errors."""
+    config = build(TrainConfig, raw, where=where)
     validate(config, where=where)
     return config
 
 
-def _build(cls, values: Any, where: str):
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping of fields, got {type(values).__name__}.")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known fields are {sorted(known)}.")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _required(f)]
-    if missing:
-        raise ValueError(f"{where}: missing required field(s) {missing}.")
-    return cls(**{name: _check_type(value, hints[name], f"{where}.{name}") for name, value in values.items()})
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    """Accept ``value`` if it fits ``hint`` (ints where floats are expected become floats), else a ValueError."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(value, option, where)
-            except ValueError:
-                continue
-        raise ValueError(f"{where}: expected {hint}, got {value!r}.")
-    if hint is type(None):
-        if value is None:
-            return None
-        raise ValueError(f"{where}: expected None, got {value!r}.")
-    if origin is list:
-        (item_hint,) = typing.get_args(hint) or (Any,)
-        if isinstance(value, (list, tuple)):
-            return [_check_type(v, item_hint, where) for v in value]
-        raise ValueError(f"{where}: expected a list, got {value!r}.")
-    if hint is Any or origin is dict or hint is dict:
-        if hint is not Any and not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}.")
-        return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-        return value
-    raise ValueError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}.")
-
-
 def validate(config: TrainConfig, *, where: str = "config") -> None:
-    """Cross-field checks the types cannot express."""
+    """Cross-field checks the types cannot express. Each error names ``where`` and the field."""
     model, run, schedule, optim = config.model, config.run, config.schedule, config.optim
     if model.pretrained is None and (model.vision_model is None or model.lang_model is None):
-        raise ValueError(f"{where}: model needs either 'pretrained' or both 'vision_model' and 'lang_model'.")
+        raise ValueError(f"{where}: model: needs either 'pretrained' or both 'vision_model' and 'lang_model'.")
     if model.pretrained is not None and (model.vision_model or model.lang_model):
-        raise ValueError(f"{where}: model.pretrained excludes vision_model/lang_model (it names its own backbones).")
-    for name, cls in (("perceiver", PerceiverConfig), ("cross_attention", CrossAttentionConfig)):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(getattr(model, name)) - known)
-        if unknown:
-            raise ValueError(f"{where}: model.{name}: unknown field(s) {unknown}; known fields are {sorted(known)}.")
+        raise ValueError(f"{where}: model.pretrained: excludes vision_model/lang_model (it names its own backbones).")
+    # Kept as mappings (train() passes them to flamingo.create_model_and_processor); checked as the sections they are.
+    build(PerceiverConfig, model.perceiver, where=where, path="model.perceiver")
+    build(CrossAttentionConfig, model.cross_attention, where=where, path="model.cross_attention")
     if model.lang_model_dtype not in DTYPE_NAMES:
-        raise ValueError(f"{where}: model.lang_model_dtype must be one of {list(DTYPE_NAMES)}, got "
+        raise ValueError(f"{where}: model.lang_model_dtype: must be one of {list(DTYPE_NAMES)}, got "
                          f"{model.lang_model_dtype!r}.")
     if schedule.kind not in ("cosine", "linear", "constant"):
-        raise ValueError(f"{where}: schedule.kind must be cosine, linear or constant, got {schedule.kind!r}.")
-    if not 0.0 <= schedule.min_lr_ratio <= 1.0 or schedule.warmup_steps < 0:
-        raise ValueError(f"{where}: schedule needs 0 <= min_lr_ratio <= 1 and warmup_steps >= 0.")
+        raise ValueError(f"{where}: schedule.kind: must be cosine, linear or constant, got {schedule.kind!r}.")
+    if not 0.0 <= schedule.min_lr_ratio <= 1.0:
+        raise ValueError(f"{where}: schedule.min_lr_ratio: must be in [0, 1], got {schedule.min_lr_ratio}.")
+    if schedule.warmup_steps < 0:
+        raise ValueError(f"{where}: schedule.warmup_steps: must be >= 0, got {schedule.warmup_steps}.")
     if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
-        raise ValueError(f"{where}: optim.betas must be two numbers in [0, 1), got {optim.betas}.")
+        raise ValueError(f"{where}: optim.betas: must be two numbers in [0, 1), got {optim.betas}.")
     # Checked here rather than by torch's AdamW, which would only complain after the model has loaded.
     if not (optim.lr > 0 and math.isfinite(optim.lr)):
-        raise ValueError(f"{where}: optim.lr must be a finite number > 0, got {optim.lr}.")
+        raise ValueError(f"{where}: optim.lr: must be a finite number > 0, got {optim.lr}.")
     if not (optim.weight_decay >= 0 and math.isfinite(optim.weight_decay)):
-        raise ValueError(f"{where}: optim.weight_decay must be a finite number >= 0, got {optim.weight_decay}.")
+        raise ValueError(f"{where}: optim.weight_decay: must be a finite number >= 0, got {optim.weight_decay}.")
     if not (optim.eps > 0 and math.isfinite(optim.eps)):
-        raise ValueError(f"{where}: optim.eps must be a finite number > 0, got {optim.eps}.")
-    if run.max_steps < 1 or run.grad_accum_steps < 1 or run.log_every < 1 or run.keep_last < 1 or run.save_every < 0:
-        raise ValueError(f"{where}: run needs max_steps, grad_accum_steps, log_every, keep_last >= 1, save_every >= 0.")
+        raise ValueError(f"{where}: optim.eps: must be a finite number > 0, got {optim.eps}.")
+    for name, weight in optim.aux_loss_weights.items():
+        if not (weight >= 0 and math.isfinite(weight)):
+            raise ValueError(f"{where}: optim.aux_loss_weights.{name}: must be a finite number >= 0, got {weight}.")
+    for name in ("max_steps", "grad_accum_steps", "log_every", "keep_last"):
+        if getattr(run, name) < 1:
+            raise ValueError(f"{where}: run.{name}: must be >= 1, got {getattr(run, name)}.")
+    if run.save_every < 0:
+        raise ValueError(f"{where}: run.save_every: must be >= 0 (0: no intermediate checkpoints), got "
+                         f"{run.save_every}.")
     if run.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"{where}: run.mixed_precision must be no, fp16 or bf16, got {run.mixed_precision!r}.")
+        raise ValueError(f"{where}: run.mixed_precision: must be no, fp16 or bf16, got {run.mixed_precision!r}.")
+    if not config.data:  # each entry's own values are checked by DataConfig
+        raise ValueError(f"{where}: data: must list at least one dataset.")
     names = [d.name for d in config.data]
     if len(set(names)) != len(names):
-        raise ValueError(f"{where}: data entries need distinct names, got {names}.")
-    for d in config.data:
-        if d.batch_size < 1 or d.loss_weight < 0:
-            raise ValueError(f"{where}: data {d.name!r} needs batch_size >= 1 and loss_weight >= 0.")
+        raise ValueError(f"{where}: data: entries need distinct names, got {names}.")
     if config.eval is not None:
         validate_eval(config.eval, where=where)
 
@@ -325,35 +251,43 @@ def check_data_paths(config: TrainConfig, *, where: str = "config") -> None:
 
 
 def validate_eval(config: InLoopEvalConfig, *, where: str = "config") -> None:
-    """The eval section, checked at load time, so that a typo fails before a model loads, not at the first eval."""
+    """The eval section, checked at load time, so that a typo fails before a model loads, not at the first eval.
+    (EvalConfig checks what flamingo-eval checks too: tasks given, shots >= 0, batch sizes >= 1, the dtype name.)"""
     from flamingo_eval.tasks import custom_kinds, task_names  # the task registry only; loads no model
 
-    if not config.tasks:
-        raise ValueError(f"{where}: eval.tasks must name at least one task of {list(task_names())}.")
+    for name, why in (("model", "the model being trained"), ("output", "<run.output_dir>/eval/step-N.json")):
+        if getattr(config, name) is not None:
+            raise ValueError(f"{where}: eval.{name}: set by the trainer ({why}); remove it.")
+    if config.dtype != field_default(EvalConfig, "dtype"):
+        raise ValueError(f"{where}: eval.dtype: the model is evaluated in memory, in the dtypes it trains in "
+                         f"(model.lang_model_dtype); remove it.")
     for task in config.tasks:
         if task not in task_names():
             raise ValueError(f"{where}: eval.tasks: unknown task {task!r}; expected some of {list(task_names())}.")
         kinds = custom_kinds(task)
         if kinds and config.custom_kind not in kinds:
-            raise ValueError(f"{where}: eval.custom_kind must be one of {list(kinds)} for task {task!r}, got "
+            raise ValueError(f"{where}: eval.custom_kind: must be one of {list(kinds)} for task {task!r}, got "
                              f"{config.custom_kind!r}.")
     if len(set(config.tasks)) != len(config.tasks):
-        raise ValueError(f"{where}: eval.tasks lists a task twice: {config.tasks}.")
+        raise ValueError(f"{where}: eval.tasks: lists a task twice: {config.tasks}.")
     if config.every < 0:
-        raise ValueError(f"{where}: eval.every must be >= 0 (0: only after the last step), got {config.every}.")
-    if not config.shots or any(k < 0 for k in config.shots) or len(set(config.shots)) != len(config.shots):
-        raise ValueError(f"{where}: eval.shots must be distinct numbers >= 0, got {config.shots}.")
-    for name in ("num_samples", "batch_size", "num_beams", "max_new_tokens"):
+        raise ValueError(f"{where}: eval.every: must be >= 0 (0: only after the last step), got {config.every}.")
+    if not config.shots or len(set(config.shots)) != len(config.shots):
+        raise ValueError(f"{where}: eval.shots: must be distinct numbers >= 0, got {config.shots}.")
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds):
+        raise ValueError(f"{where}: eval.seeds: must be distinct numbers, got {config.seeds}.")
+    # flamingo-eval reads 0 as "the task's own setting"; in a config file that is null, so 0 is a typo here.
+    for name in ("num_beams", "max_new_tokens"):
         value = getattr(config, name)
         if value is not None and value < 1:
-            raise ValueError(f"{where}: eval.{name} must be >= 1, got {value}.")
+            raise ValueError(f"{where}: eval.{name}: must be >= 1 (null: the task's own), got {value}.")
     if config.data_dir is None:
-        raise ValueError(f"{where}: eval.data_dir is required (a folder in flamingo-eval's --data-dir layout).")
+        raise ValueError(f"{where}: eval.data_dir: required (a folder in flamingo-eval's --data-dir layout).")
     if not Path(config.data_dir).is_dir():
-        raise ValueError(f"{where}: eval.data_dir {config.data_dir}: directory not found.")
+        raise ValueError(f"{where}: eval.data_dir: {config.data_dir}: directory not found.")
     keys = eval_metric_keys(config)
     if config.best_metric is not None and config.best_metric not in keys:
-        raise ValueError(f"{where}: eval.best_metric must be one of {keys}, got {config.best_metric!r}.")
+        raise ValueError(f"{where}: eval.best_metric: must be one of {keys}, got {config.best_metric!r}.")
 
 
 def eval_metric_key(task: str, shots: int, *, custom_kind: str | None = None) -> str:

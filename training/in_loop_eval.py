@@ -1,6 +1,7 @@
 """In-loop evaluation: flamingo-eval's few-shot tasks, run on the model being trained, every ``eval.every`` steps.
 
-Configured by the ``eval`` section (:class:`flamingo_train.config.InLoopEvalConfig`)::
+Configured by the ``eval`` section (:class:`flamingo_train.config.InLoopEvalConfig`: flamingo-eval's
+:class:`flamingo_eval.config.EvalConfig` plus when to evaluate and what to keep)::
 
     eval: {every: 200, tasks: [custom], custom_kind: vqa, data_dir: data/my-vqa, shots: [0], num_samples: 64,
            keep_best: true}
@@ -40,7 +41,8 @@ def check_eval_data(config: InLoopEvalConfig) -> None:
 
     for task in config.tasks:
         try:
-            load_task_data(task, data_dir=Path(config.data_dir), custom_kind=config.custom_kind)
+            load_task_data(task, data_dir=Path(config.data_dir), paths=config.paths.get(task),
+                           custom_kind=config.custom_kind)
         except ValueError as error:
             raise ValueError(f"eval.data_dir {config.data_dir}: task {task!r}: {error}") from error
 
@@ -94,7 +96,7 @@ class InLoopEval:
         return {**scores, "eval/seconds": time.perf_counter() - start}
 
     def _evaluate(self, accelerator: Accelerator, model, processor, *, step: int) -> dict[str, float]:
-        from flamingo_eval.runner import EvalConfig, Evaluator
+        from flamingo_eval.runner import Evaluator
 
         cfg = self.config
         output = self.output_dir / EVAL_DIR / f"{checkpoint_name(step)}.json"
@@ -104,20 +106,7 @@ class InLoopEval:
         if accelerator.is_main_process and progress.exists():
             shutil.rmtree(progress)
         accelerator.wait_for_everyone()
-        eval_config = EvalConfig(
-            model=None,  # in memory
-            tasks=list(cfg.tasks),
-            shots=list(cfg.shots),
-            seeds=[cfg.seed],
-            data_dir=Path(cfg.data_dir),
-            custom_kind=cfg.custom_kind,
-            num_samples=cfg.num_samples,
-            batch_size=cfg.batch_size,
-            output=output,
-            num_beams=cfg.num_beams,
-            max_new_tokens=cfg.max_new_tokens,
-            demo_separator=cfg.demo_separator,
-        )
+        eval_config = cfg.run_config(output=output)  # the model: in memory
         modes = {module: module.training for module in model.modules()}
         try:
             with torch.no_grad():

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from flamingo.typed_config import FieldError, build
 
 FORMATS = ("simple", "obelics", "pairs", "webdataset")
 SPLIT_BY = ("auto", "records", "shards")
@@ -49,36 +52,36 @@ class DataConfig:
     split_by: str = "auto"
 
     def __post_init__(self) -> None:
-        where = f"DataConfig {self.name!r}"
+        owner = f"DataConfig {self.name!r}"
         # Accept pathlib paths (write_synthetic_dataset returns one); store plain strings so the config stays YAML.
         self.path = os.fspath(self.path) if isinstance(self.path, os.PathLike) else self.path
         if isinstance(self.path, (list, tuple)):
             self.path = [os.fspath(p) for p in self.path]
         if self.format not in FORMATS:
-            raise ValueError(f"{where}: format must be one of {FORMATS}, got {self.format!r}.")
+            raise FieldError("format", f"must be one of {FORMATS}, got {self.format!r}.", owner=owner)
         if not self.path:
-            raise ValueError(f"{where}: path is empty; give a file, a glob, a list of them, or a directory.")
+            raise FieldError("path", "is empty; give a file, a glob, a list of them, or a directory.", owner=owner)
         for field, least in (("batch_size", 1), ("max_tokens", 2), ("max_images", 1), ("shuffle_buffer", 1),
                              ("num_workers", 0)):
             if getattr(self, field) < least:
-                raise ValueError(f"{where}: {field} must be >= {least}, got {getattr(self, field)}.")
+                raise FieldError(field, f"must be >= {least}, got {getattr(self, field)}.", owner=owner)
         if self.labels not in LABELS:
-            raise ValueError(f"{where}: labels must be one of {LABELS}, got {self.labels!r}.")
+            raise FieldError("labels", f"must be one of {LABELS}, got {self.labels!r}.", owner=owner)
         if self.labels != "all" and not any(self.answer_markers):
-            raise ValueError(f"{where}: labels {self.labels!r} needs at least one non-empty answer_markers entry.")
+            raise FieldError("answer_markers", f"labels {self.labels!r} needs at least one non-empty entry.",
+                             owner=owner)
         if self.split_by not in SPLIT_BY:
-            raise ValueError(f"{where}: split_by must be one of {SPLIT_BY}, got {self.split_by!r}.")
+            raise FieldError("split_by", f"must be one of {SPLIT_BY}, got {self.split_by!r}.", owner=owner)
         if self.loss_weight < 0:
-            raise ValueError(f"{where}: loss_weight must be >= 0, got {self.loss_weight}.")
+            raise FieldError("loss_weight", f"must be >= 0, got {self.loss_weight}.", owner=owner)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DataConfig:
-        """Build from a YAML/JSON mapping; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DataConfig {data.get('name')!r}: unknown fields {unknown}; known fields are {sorted(known)}.")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any], *, where: str | None = None) -> DataConfig:
+        """Build from a YAML/JSON mapping, every field's type checked (``flamingo.typed_config``); an unknown key is
+        an error with the closest field name. ``where`` names the source in errors (default: the dataset's name)."""
+        if where is None:
+            where = f"DataConfig {data.get('name')!r}" if isinstance(data, Mapping) else "DataConfig"
+        return build(cls, data, where=where)
 
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)

@@ -53,7 +53,7 @@ from flamingo.processing import FlamingoProcessor
 from .config import DataConfig
 from .formats import BadRecord, parse_record
 from .samples import SampleBuilder, collate, decode_images
-from .sources import BUILDERS, LazySample, Part, RandomAccess, expand_paths, open_parts
+from .sources import LazySample, Part, RandomAccess, open_parts
 
 
 class PositionTracker:
@@ -248,21 +248,6 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
         buffer[j] = item
     rng.shuffle(buffer)
     yield from buffer
-
-
-def check_paths(config: DataConfig) -> None:
-    """Fail fast, without reading any record: every path/glob of ``config`` matches something, and each file is of a
-    kind its ``format`` can read (the same rules :func:`open_parts` applies when the loader is built). ValueError."""
-    for path in expand_paths(config):
-        suffix = os.path.splitext(path)[1]
-        if config.format == "webdataset" or suffix == ".tar":
-            if suffix != ".tar" or config.format != "webdataset":
-                raise ValueError(
-                    f"DataConfig {config.name!r}: .tar shards go with format 'webdataset' and only they do; "
-                    f"got {path} with format {config.format!r}."
-                )
-        elif not os.path.isdir(path) and suffix not in BUILDERS:
-            raise ValueError(f"DataConfig {config.name!r}: cannot read {path}; expected one of {sorted(BUILDERS)} or .tar.")
 
 
 def build_dataloader(config: DataConfig, processor: FlamingoProcessor, *, rank: int, world_size: int, seed: int,

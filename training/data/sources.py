@@ -21,7 +21,6 @@ is what web-scale data needs, at the price of every worker reading (not decoding
 from __future__ import annotations
 
 import bisect
-import glob
 import json
 import os
 import tarfile
@@ -31,8 +30,8 @@ from typing import Any, Iterator
 import datasets
 
 from .config import DataConfig
+from .paths import BUILDERS, expand_paths, read_as
 
-BUILDERS = {".jsonl": "text", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 READ_BATCH = 256
 
 
@@ -52,49 +51,18 @@ class Part:
         raise NotImplementedError
 
 
-def expand_paths(config: DataConfig) -> list[str]:
-    """``config.path`` (files, globs, directories) -> sorted, de-duplicated list of existing paths."""
-    found: list[str] = []
-    for pattern in config.paths():
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matches:
-            raise ValueError(f"DataConfig {config.name!r}: path {pattern!r} matches no file or directory.")
-        for match in matches:
-            if os.path.isdir(match) and not _is_saved_dataset(match):
-                # A webdataset folder (img2dataset's layout) also holds per-shard .parquet and _stats.json metadata.
-                suffixes = (".tar",) if config.format == "webdataset" else (*BUILDERS, ".tar")
-                inside = sorted(p for p in glob.glob(os.path.join(match, "*")) if Path(p).suffix in suffixes)
-                if not inside:
-                    raise ValueError(f"DataConfig {config.name!r}: directory {match} holds no data files or save_to_disk dataset.")
-                found.extend(inside)
-            else:
-                found.append(match)
-    return list(dict.fromkeys(found))
-
-
-def _is_saved_dataset(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "dataset_info.json")) or os.path.isfile(os.path.join(path, "state.json"))
-
-
 def open_parts(config: DataConfig) -> list[Part]:
     """The parts of ``config``'s data, random-access unless ``config.streaming`` (tar shards are indexed too)."""
     parts = []
     for path in expand_paths(config):
         root = Path(config.image_root) if config.image_root else Path(path).parent
-        suffix = Path(path).suffix
-        if config.format == "webdataset" or suffix == ".tar":
-            if suffix != ".tar" or config.format != "webdataset":
-                raise ValueError(
-                    f"DataConfig {config.name!r}: .tar shards go with format 'webdataset' and only they do; "
-                    f"got {path} with format {config.format!r}."
-                )
+        kind = read_as(config, path)  # "tar" | "saved" | "file"; a file the config cannot read is a ValueError
+        if kind == "tar":
             parts.append(TarPart(path, streaming=config.streaming))
-        elif os.path.isdir(path):
+        elif kind == "saved":
             parts.append(_saved_part(path, streaming=config.streaming, root=Path(config.image_root or path)))
-        elif suffix in BUILDERS:
-            parts.append(_file_part(path, root=root, streaming=config.streaming))
         else:
-            raise ValueError(f"DataConfig {config.name!r}: cannot read {path}; expected one of {sorted(BUILDERS)} or .tar.")
+            parts.append(_file_part(path, root=root, streaming=config.streaming))
     return parts
 
 

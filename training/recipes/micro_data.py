@@ -155,8 +155,8 @@ def write_eval_data(root: Path, recipe: DataRecipe) -> dict[str, Path]:
 def eval_config(model_dir: Path, kind: str, directory: Path, *, shots: list[int], output: Path,
                 num_samples: int | None = None, batch_size: int = 16, predictions_dir: Path | None = None):
     """The ``flamingo-eval`` run of one micro custom task (``kind``: caption | vqa | binding), laid out as the training
-    data is (no separator between chunks) and decoded greedily; the recipe and ``flamingo.demo`` both evaluate so."""
-    from flamingo_eval.runner import EvalConfig
+    data is (no separator between chunks) and decoded greedily; the recipe and ``flamingo_train.demo`` both evaluate so."""
+    from flamingo_eval.config import EvalConfig
 
     return EvalConfig(
         model=model_dir, tasks=["custom"], custom_kind=kind, data_dir=directory, shots=shots,
