@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -514,8 +515,7 @@ class Flamingo(PretrainedMixin, nn.Module):
         )
         if cache is not None:
             generation_kwargs[self._cache_keyword] = cache
-        generation_kwargs.setdefault("eos_token_id", self.config.end_of_chunk_token_id)
-        generation_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        self._set_token_defaults(generation_kwargs)
         from transformers import LogitsProcessorList  # here: the generation stack is not needed to build a model
 
         processors = LogitsProcessorList(generation_kwargs.pop("logits_processor", None) or [])
@@ -530,6 +530,21 @@ class Flamingo(PretrainedMixin, nn.Module):
         context = context.expanded(copies_per_sample(self.lang_model, generation_kwargs))
         with self._media_slot.bind(context):
             return self.lang_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
+
+    def _set_token_defaults(self, generation_kwargs: dict) -> None:
+        """End at ``<|endofchunk|>`` and pad with the model's pad token, unless the call says otherwise: in the given
+        ``generation_config`` when there is one (transformers deprecates settings given both ways), else as keywords."""
+        defaults = {"eos_token_id": self.config.end_of_chunk_token_id, "pad_token_id": self.config.pad_token_id}
+        config = generation_kwargs.get("generation_config")
+        if config is None:
+            for name, value in defaults.items():
+                generation_kwargs.setdefault(name, value)
+            return
+        config = copy.deepcopy(config)  # the caller's object stays as it was
+        for name, value in defaults.items():
+            if getattr(config, name, None) is None and name not in generation_kwargs:
+                setattr(config, name, value)
+        generation_kwargs["generation_config"] = config
 
     def _check_labels(self, labels: torch.Tensor, input_ids: torch.Tensor) -> None:
         if labels.shape != input_ids.shape:

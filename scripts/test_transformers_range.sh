@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-TESTS=(tests/test_lm_calls.py tests/test_generation.py tests/test_media_state.py tests/test_equivalence.py tests/test_lm_side.py tests/test_openflamingo.py)
+TESTS=(tests/test_lm_calls.py tests/test_generation.py tests/test_media_state.py tests/test_auxiliary.py tests/test_equivalence.py tests/test_lm_side.py tests/test_openflamingo.py)
 failed=()
 
 install_oldest() {  # exact, small: only what differs from .venv (transformers and the hub/tokenizers it needs)

@@ -4,6 +4,7 @@ There is no ``tests/__init__.py``: with pytest's default ``prepend`` import mode
 ``sys.path``, so test modules import their helpers as ``from models import ...``.
 """
 
+import logging
 import os
 import tempfile
 
@@ -21,6 +22,31 @@ from flamingo.testing import FAMILIES, register_tiny_vision_config, save_tiny_lm
 
 # transformers' "Loading weights" bars would fill every captured failure report with thousands of characters.
 transformers_logging.disable_progress_bar()
+
+
+class _LoggedDeprecations(logging.Handler):
+    """What transformers logs (rather than warns) about deprecations, e.g. "Passing `generation_config` together
+    with generation-related arguments ... is deprecated": a bug report addressed to us, like a FutureWarning."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "deprecat" in record.getMessage().lower():
+            self.messages.append(record.getMessage())
+
+
+_DEPRECATIONS = _LoggedDeprecations()
+logging.getLogger("transformers").addHandler(_DEPRECATIONS)
+
+
+@pytest.fixture(autouse=True)
+def no_deprecation_logged_by_transformers():
+    """Fails a test during which transformers logged a deprecation (it logs each message once per process)."""
+    seen = len(_DEPRECATIONS.messages)
+    yield
+    assert _DEPRECATIONS.messages[seen:] == [], "transformers logged a deprecation (see the captured log)"
 
 
 @pytest.fixture(scope="session")

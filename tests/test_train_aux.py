@@ -13,6 +13,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
+from train_loop_helpers import one_thread_and_fresh_accelerate_state  # noqa: F401  (autouse)
 from train_loop_helpers import bitwise_equal, final_weights, read_metrics, tiny_config
 
 import flamingo
@@ -33,15 +34,6 @@ def example(tmp_path_factory):
     write_example(out, max_steps=4, save_every=2)
     write_synthetic_dataset(out / "pairs", format="pairs", num_records=16, seed=1)
     return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from train_loop_helpers import one_thread_and_fresh_accelerate_state  # noqa: F401  (autouse)
 from train_loop_helpers import REPO, bitwise_equal, read_metrics
 
 import flamingo
@@ -29,15 +30,6 @@ TINY_CPU = REPO / "training" / "configs" / "tiny_cpu.yaml"
 KEY = "eval/custom_vqa/0shot"
 # Greedy and short, so each evaluation of the 4 fixture queries takes well under a second.
 DECODING = ["eval.num_beams=1", "eval.max_new_tokens=3"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
+from train_loop_helpers import one_thread_and_fresh_accelerate_state  # noqa: F401  (autouse)
 from train_loop_helpers import (
     REPO,
     TINY_CPU,
@@ -49,17 +50,6 @@ def example(tmp_path_factory):
     out = tmp_path_factory.mktemp("example")
     write_example(out, max_steps=6, save_every=2)
     return out
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run gets its own Accelerator state (accelerate keeps it in process-wide singletons) and one
-    thread: these tiny models run faster on one core than contending for shared ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # ---------------------------------------------------------------------------------------------- configs

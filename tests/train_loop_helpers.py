@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from flamingo_train.config import load_config
@@ -91,3 +93,15 @@ def frozen_parameters(module: torch.nn.Module) -> dict:
     parameters = dict(module.named_parameters())
     assert not any(p.requires_grad for p in parameters.values())
     return parameters
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_fresh_accelerate_state():
+    """Each in-process run gets its own Accelerator state (accelerate keeps it in process-wide singletons) and one
+    thread: these tiny models run faster on one core than contending for shared ones. Autouse in the modules that
+    import it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
