@@ -13,6 +13,8 @@ import json
 import random
 from pathlib import Path
 
+from flamingo.io import atomic_write_text
+
 _SUBJECTS = ["a dog", "two cats", "a man", "a woman", "a red bus", "three birds", "a child", "an old train"]
 _ACTIONS = ["sitting on", "running across", "standing next to", "looking at", "riding", "parked near"]
 _PLACES = ["a wooden bench", "the street", "a grassy field", "the beach", "a kitchen table", "a snowy hill"]
@@ -40,19 +42,11 @@ def _qa(rng: random.Random) -> tuple[str, list[str]]:
 
 
 def _write_json(path: Path, data) -> None:
-    _write_text(path, json.dumps(data, indent=1))
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    _write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def _write_text(path: Path, text: str) -> None:
-    # Imported here, as numpy and PIL below: the task registry names these writers, and the command lines that read
-    # the registry must start without torch (which flamingo.io imports).
-    from flamingo.io import atomic_write_text
-
-    atomic_write_text(path, text)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class FixtureImages:
@@ -62,6 +56,7 @@ class FixtureImages:
         self.seed = seed
 
     def save(self, path: Path) -> None:
+        # Imported here: the task registry names these writers, and the command lines that read it start without them.
         import numpy as np
         from PIL import Image
 

@@ -41,6 +41,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flamingo.io import atomic_write_text
+
 from .files import Example
 from .official import caption_references, vqa_answers  # noqa: F401  (re-exported)
 from .tasks import REGISTRY, Task, custom_kinds, get_task, task_names
@@ -69,8 +71,6 @@ def write_predictions(task: str | Task, records: Sequence[dict], path: Path) -> 
     if not all(isinstance(r, dict) for r in records):
         name = task.label if isinstance(task, Task) else task
         raise ValueError(f"write_predictions({name!r}): records must be dicts from prediction_record")
-    from flamingo.io import atomic_write_text  # here: it imports torch, which scoring and the CLI's parser need not
-
     path = Path(path)
     # ASCII escapes: the same JSON to every reader, and no UnicodeEncodeError where the locale is C (batch jobs).
     atomic_write_text(path, json.dumps(records))
