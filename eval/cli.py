@@ -164,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="text-only demos in a 0-shot prompt (0: the query alone); default: the task's, 2 as in OpenFlamingo",
     )
     run.add_argument("--dtype", choices=DTYPE_NAMES, default=default("dtype"))
+    run.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the Python code a model folder ships for its language model (only for a model you trust)",
+    )
+    run.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="read image paths that lead outside their data folder (../, absolute paths, symlinks out)",
+    )
     run.add_argument("--output", type=Path, default=default("output"), help=f"default: {default('output')}")
     run.add_argument(
         "--predictions-dir",
@@ -255,6 +265,8 @@ def _eval_config(args: argparse.Namespace, *, seeds: list[int], paths: dict) -> 
         demo_separator=args.demo_separator,
         zero_shot_text_demos=args.zero_shot_text_demos,
         dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        allow_outside_paths=args.allow_outside_paths,
     )
 
 

@@ -48,6 +48,10 @@ class EvalConfig:
     zero_shot_text_demos: int | None = None  # None: the task's (2 text-only demos at 0 shots, as OpenFlamingo)
     dtype: str = "float32"
     media_cache: bool = True  # encode each distinct image once per run (False re-encodes every batch)
+    # Run the language model's own Python code from the model folder (only if its config says it needs it).
+    trust_remote_code: bool = False
+    # Read image paths in the data files that lead outside their data folder (flamingo.file_access).
+    allow_outside_paths: bool = False
 
     def __post_init__(self):
         if self.model is not None:  # "micro": the shipped model (a local directory of that name wins)
