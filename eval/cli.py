@@ -36,6 +36,12 @@ any file can be overridden with ``--path task.key=FILE`` or the per-task flags (
 ``--vqav2-test-annotations ""`` for a split without answers, e.g. a test-dev export). A rerun with the same
 ``--output`` resumes: batches already logged in ``<output>.progress/`` are not recomputed. Bad inputs end the run
 with exit code 2 and one line naming the file and field.
+
+Hostile or careless inputs (``flamingo_eval.data``, ``flamingo_eval.files``, ``flamingo_eval.results``): image paths
+in the data files stay inside the task's data folders unless ``--allow-outside-paths``; an id repeated in an
+annotation or predictions file, a boolean where a number belongs, and a file that is not UTF-8 are refused, naming
+the file and the line or record; ``--output`` and ``--predictions-dir`` are checked before the model loads; and a
+run locks ``<output>.lock``, so that a second run on the same output stops at once.
 """
 
 from __future__ import annotations
@@ -289,7 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_args(args)  # flag errors first: the runner imports torch and transformers
             if not Path(config.model).is_dir():
                 raise ValueError(f"--model {args.model}: directory not found.")
-            from .results import markdown_table
+            from .results import check_output_paths, markdown_table
+
+            # The Evaluator checks these again (for callers from Python); here they answer before torch loads.
+            check_output_paths(
+                config.output,
+                predictions_dir=config.predictions_dir,
+                rices_cache_dir=config.rices_cache_dir if config.rices else None,
+            )
             from .runner import Evaluator
 
             results = Evaluator(config).run()

@@ -54,7 +54,7 @@ class EvalConfig:
     allow_outside_paths: bool = False
 
     def __post_init__(self):
-        if self.model is not None:  # "micro": the shipped model (a local directory of that name wins)
+        if self.model is not None:  # "micro": the shipped model (a reserved name; "./micro" is a local folder)
             self.model = resolve_model_path(self.model)
         if not self.tasks:
             from .tasks import task_names  # here: the registry imports this module's neighbours

@@ -58,14 +58,26 @@ Expected layout per task (``<dir>`` is the task folder)::
                    id defaults to the line's index in its file.
 
 Image files are opened later, by ``flamingo.processing.load_image``; here only the image folders and each split's
-first image are checked, so that a wrong layout fails at once without a stat call for every one of 100k images.
+first image are checked, so that a wrong layout fails at once without opening every one of 100k images.
 The evaluated split's ids must be unique: scores and prediction files are keyed by them.
+
+Images stay in the task's data folders: ``data_dir`` (``--data-dir``), the folders its layout names (``image_dir``,
+``train_image_dir``, ...), or, for a layout of files only (custom, binding), the folders of those files. A path in a data file that leads elsewhere
+(``../``, an absolute path, a symlink out) is refused, naming the file, the record and the path, unless
+``allow_outside_paths`` (``--allow-outside-paths``): a downloaded dataset must not read any image on the machine into
+a prompt or a predictions file. Symlinks are followed, so an image folder that is itself a link (``val2014 ->
+/mnt/coco/val2014``) lies outside ``<dir>`` when the layout names ``<dir>``: name the real folder in the layout
+(``--coco-image-dir``) or allow outside paths.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+
+from flamingo.file_access import OutsideDataRoot, confined_path
 
 from .files import (  # noqa: F401  (re-exported: the public names readers and callers use)
     IMAGE_EXTENSIONS,
@@ -114,12 +126,15 @@ def load_task_data(
     data_dir: Path | None = None,
     paths: dict[str, str] | None = None,
     custom_kind: str | None = None,
+    allow_outside_paths: bool = False,
 ) -> TaskData:
     """Read ``task``'s support (train) and query (evaluated) splits from the official files.
 
     ``task``: a registered name (``custom`` with ``custom_kind``) or a :class:`flamingo_eval.tasks.Task`.
     ``paths`` overrides entries of ``default_layout`` (its keys); with no ``data_dir`` every entry must be given.
-    Raises ValueError naming the missing file, the bad field and the record.
+    ``allow_outside_paths``: read images that lie outside the task's data folders (see the module docstring).
+    Raises ValueError naming the missing file, the bad field and the record (``OutsideDataRoot`` for an image path
+    that leads out of the data folders).
     """
     task = get_task(task, custom_kind=custom_kind)
     paths = dict(paths or {})
@@ -140,6 +155,9 @@ def load_task_data(
             raise ValueError(f"Task {task.name!r}: path {key!r} must not be empty")
     data = task.read(layout)
     data.files = {key: path for key, path in layout.items() if path is not None}
+    if not allow_outside_paths:
+        roots = image_roots(data.files) + ([Path(data_dir)] if data_dir is not None else [])
+        confine_images(data, task.label, roots)
     splits = (("query", data.query),) if task.kind.episodic else (("support", data.support), ("query", data.query))
     for split, examples in splits:  # an episodic task's demos come with its queries: its support may be empty
         if not examples:
@@ -155,3 +173,69 @@ def load_task_data(
             f"{describe(layout)}); every evaluated example needs its own id."
         )
     return data
+
+
+# ---------------------------------------------------------------------------------------------------- confinement
+def image_roots(layout: dict[str, Path]) -> list[Path]:
+    """The folders a task's images must lie in: the folders its layout names, else (a layout of files only, as
+    custom's) the folders of its files."""
+    folders = [path for path in layout.values() if path.is_dir()]
+    return list(dict.fromkeys(folders or [path.parent for path in layout.values()]))
+
+
+def confine_images(data: TaskData, label: str, roots: list[Path]) -> None:
+    """Refuse (``OutsideDataRoot``) the first image of ``data`` (both splits, and binding's episode demos) whose path,
+    symlinks followed, lies outside every folder of ``roots``; the error names its record (``Example.where``)."""
+    inside = _Inside(roots)
+    for split, examples in (("support", data.support), ("query", data.query)):
+        for example, where in _with_demos(examples, label, split):
+            if not inside(example.image):
+                raise _outside_error(example.image, roots, where)
+
+
+def _with_demos(examples: list[Example], label: str, split: str) -> Iterator[tuple[Example, str]]:
+    for example in examples:
+        where = example.where or f"Task {label!r}, {split} example {example.id!r}"
+        yield example, where
+        for index, demo in enumerate(example.demos):
+            yield demo, f"{where}, demos[{index}]"
+
+
+class _Inside:
+    """``inside(path)``: whether ``path`` with its symlinks resolved lies in one of ``roots``.
+
+    ``confined_path`` resolves every path from the root up; for the 443k images of VQAv2's training questions that
+    takes seconds per split. Images share a few folders, so each folder is resolved once, and only the file itself
+    is looked at (is it a symlink?) per image.
+    """
+
+    def __init__(self, roots: list[Path]):
+        self.roots = [os.path.join(os.path.realpath(root), "") for root in roots]  # "/data/coco/": a prefix to match
+        self._folders: dict[str, bool] = {}  # folder as written -> whether it lies in a root, resolved
+
+    def __call__(self, path: Path) -> bool:
+        text = os.fspath(path)
+        folder, name = os.path.split(text)
+        if name in ("", ".", "..") or os.path.islink(text):
+            return self._resolved_inside(os.path.realpath(text))
+        # A plain file (not a link) lies where its folder lies.
+        if folder not in self._folders:
+            self._folders[folder] = self._resolved_inside(os.path.realpath(folder))
+        return self._folders[folder]
+
+    def _resolved_inside(self, real: str) -> bool:
+        return any(os.path.join(real, "").startswith(root) for root in self.roots)
+
+
+def _outside_error(image: Path, roots: list[Path], where: str) -> OutsideDataRoot:
+    """The shared message of ``flamingo.file_access`` for ``image``, said of the root it lies in by name (if any)."""
+    # Absolute, but not normalised: the message shows the "../" that the data file wrote.
+    image, roots = Path.cwd() / image, [Path.cwd() / root for root in roots]
+    by_name = os.path.normpath(image)
+    root = next((r for r in roots if by_name == str(r) or by_name.startswith(os.path.join(r, ""))), roots[0])
+    try:
+        confined_path(image, root, what=f"{where}: image")
+    except OutsideDataRoot as error:
+        return error
+    # Not reached while _Inside and confined_path agree; if they ever do not, refusing is the safe answer.
+    return OutsideDataRoot(f"{where}: image {image} leads outside the data folders {[str(r) for r in roots]}")

@@ -1,21 +1,29 @@
 """The example type every reader returns, and the file helpers whose errors name the file, record and field.
 
-    Example(id, image, question=..., answers=(...), text=..., label=..., choices=(...), demos=(...))
+    Example(id, image, question=..., answers=(...), text=..., label=..., choices=(...), demos=(...), where=...)
     TaskData(task, support=[Example], query=[Example], class_names=[...] | None, files={layout key: Path})
 
 Every reader (``flamingo_eval.readers``, ``flamingo_eval.binding``) reports a bad file through these helpers, so each
 error reads ``<file>, <record or line>: missing field 'x'`` whatever the benchmark.
+
+Evaluation files are UTF-8 (a leading UTF-8 byte order mark is accepted, as Windows tools write one); any other
+encoding, or one bad byte, is refused with the file and line, never decoded by guesswork: a line dropped or
+mangled in silence would change a score.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flamingo.file_access import open_regular_file
+
 # torchvision's ImageFolder extensions; compared case-insensitively (ImageNet's files end in .JPEG).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+ID_TYPES = (int, str)  # what an id field may hold (never a bool, though Python counts one as an int)
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,7 @@ class Example:
     label: int | None = None  # HatefulMemes 0/1; classification: class index
     choices: tuple[str, ...] = ()  # binding: the words the query is ranked over
     demos: tuple[Example, ...] = ()  # binding: the episode's own demos (image, answers=(word,)), in file order
+    where: str | None = field(default=None, compare=False, repr=False)  # "<file>, line 3": named in errors
 
 
 @dataclass
@@ -53,18 +62,93 @@ def need_path(path: Path, what: str, *, folder: bool = False) -> Path:
     if folder and not path.is_dir():
         raise ValueError(f"{what}: folder {path} not found")
     if not folder and not path.is_file():
-        raise ValueError(f"{what}: file {path} not found")
+        kind = "is a folder, not a file" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        raise ValueError(f"{what}: file {path} {kind}")
     return path
 
 
-def read_json(path: Path, what: str = "file") -> Any:
-    """Parse a JSON file; ValueError naming the file if it is missing or malformed."""
+def id_key(value: Any) -> str:
+    """Ids match by value whatever their JSON type: 42 and "42" are one id."""
+    return str(value)
+
+
+class UniqueIds:
+    """The ids of one file's records: ``add`` refuses an id the file named before, naming the file, both records and
+    the id. An official file that repeats an id would otherwise be scored wrong in silence (the last copy wins)."""
+
+    def __init__(self, field_name: str):
+        self.field_name = field_name
+        self._first: dict[str, str] = {}  # id_key -> where it was first seen
+
+    def add(self, value: Any, where: str) -> Any:
+        key = id_key(value)
+        if key in self._first:
+            raise ValueError(
+                f"{where}: {self.field_name} {value!r} appears more than once (first at {self._first[key]}); every "
+                "record needs its own id"
+            )
+        self._first[key] = where
+        return value
+
+
+# Byte order marks of the encodings that JSON files are sometimes saved in by mistake (Windows "Unicode" is UTF-16).
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32 (little-endian)"),  # before UTF-16 LE: its BOM starts the same way
+    (codecs.BOM_UTF32_BE, "UTF-32 (big-endian)"),
+    (codecs.BOM_UTF16_LE, "UTF-16 (little-endian)"),
+    (codecs.BOM_UTF16_BE, "UTF-16 (big-endian)"),
+)
+
+
+def _wide_encoding(data: bytes) -> str | None:
+    """The UTF-16/32 encoding ``data`` is in, by its BOM or, without one, by where the zero bytes of its first ASCII
+    characters fall (the rule of RFC 4627: JSON text starts with ASCII); None for anything else."""
+    for bom, name in _WIDE_BOMS:
+        if data.startswith(bom):
+            return name
+    head = data[:4]
+    if len(head) == 4 and head[:3] == b"\0\0\0" and head[3]:
+        return "UTF-32 (big-endian)"
+    if len(head) == 4 and head[0] and head[1:] == b"\0\0\0":
+        return "UTF-32 (little-endian)"
+    if len(head) >= 2 and not head[0] and head[1]:
+        return "UTF-16 (big-endian)"
+    if len(head) >= 2 and head[0] and not head[1]:
+        return "UTF-16 (little-endian)"
+    return None
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """The text of a UTF-8 evaluation file (a UTF-8 BOM dropped); a ValueError naming the file and, for a bad byte,
+    its line, or for a UTF-16/32 file its encoding."""
     path = need_path(Path(path), what)
+    with open_regular_file(path) as f:
+        data = f.read()
+    wide = _wide_encoding(data)
+    if wide is not None:
+        raise ValueError(f"{path}: the file is encoded in {wide}, not UTF-8; convert it to UTF-8 (e.g. with iconv).")
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line, column = data.count(b"\n", 0, error.start) + 1, error.start - data.rfind(b"\n", 0, error.start)
+        raise ValueError(
+            f"{path}, line {line}: not valid UTF-8 (byte 0x{data[error.start]:02x} at byte {column} of the line); "
+            "evaluation files must be UTF-8."
+        ) from None
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """Parse a JSON file; ValueError naming the file if it is missing, malformed or not UTF-8."""
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except ValueError as error:  # malformed, or an integer of more digits than Python converts
         raise ValueError(f"{what}: {path} is not valid JSON: {error}") from error
+    except RecursionError:  # "[[[[..." nested past the interpreter's limit
+        raise ValueError(f"{what}: {path} is not valid JSON: nested too deeply") from None
 
 
 def read_jsonl(path: Path, what: str = "file") -> list[dict]:
@@ -74,19 +158,21 @@ def read_jsonl(path: Path, what: str = "file") -> list[dict]:
 
 def read_jsonl_lines(path: Path, what: str = "file") -> list[tuple[int, dict]]:
     """``(line number, record)`` per non-blank line of a JSON-lines file, for errors that name the line."""
-    path = need_path(Path(path), what)
+    path = Path(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON: {error}") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-            records.append((number, record))
+    # Split on "\n" only: a JSON string may hold U+2028 and other characters that str.splitlines() breaks at.
+    for number, line in enumerate(read_text(path, what).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON: {error}") from error
+        except RecursionError:
+            raise ValueError(f"{path}, line {number}: not valid JSON: nested too deeply") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        records.append((number, record))
     return records
 
 
@@ -97,8 +183,10 @@ def field_of(record: Any, key: str, where: str, kind: type | tuple[type, ...] | 
     if key not in record:
         raise ValueError(f"{where}: missing field {key!r} (has {sorted(record)[:8]})")
     value = record[key]
-    if kind is not None and not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+    kinds = (kind,) if isinstance(kind, type) else kind
+    # JSON's true is a Python bool, and a bool is an int: a question_id or label of true must not pass as 1.
+    if kinds is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+        names = " or ".join(k.__name__ for k in kinds)
         raise ValueError(f"{where}: field {key!r} should be {names}, got {type(value).__name__}")
     return value
 

@@ -1,6 +1,8 @@
 """Reading the official results and annotation files that ``score_files`` compares: id -> value maps.
 
-Errors name the file, the record and the field; ids match by value (``id_key``), so 42 and "42" are one id.
+Errors name the file, the record and the field; ids match by value (``id_key``), so 42 and "42" are one id. A file
+that names an id twice is refused (``UniqueIds``): the last copy would otherwise win and change the score in silence.
+An id is an int or a string, never a bool.
 """
 
 from __future__ import annotations
@@ -9,28 +11,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .files import answers_of, field_of, list_field, read_json, read_jsonl
+from .files import ID_TYPES, UniqueIds, answers_of, field_of, list_field, read_json, read_jsonl_lines
+from .files import id_key  # noqa: F401  (re-exported: kinds and binding match ids with it)
 from .readers import karpathy_image_id
-
-
-def id_key(value: Any) -> str:
-    """Ids match by value whatever their JSON type: 42 and "42" are one id."""
-    return str(value)
 
 
 def predictions_by_id(path: Path, id_keys: Sequence[str], value_keys: Sequence[str], value_type) -> dict[str, Any]:
     """id -> value from a results file, with errors naming the file, the record and the field."""
     records = list_field(read_json(path, "predictions"), None, path)
     found: dict[str, Any] = {}
+    ids = UniqueIds("id")
     for index, record in enumerate(records):
         where = f"{path}, record {index}"
         id_field = next((k for k in id_keys if isinstance(record, dict) and k in record), id_keys[0])
         value_field = next((k for k in value_keys if isinstance(record, dict) and k in record), value_keys[0])
-        key = id_key(field_of(record, id_field, where))
+        record_id = field_of(record, id_field, where, ID_TYPES)
         value = field_of(record, value_field, where, value_type)
-        if key in found:
-            raise ValueError(f"{where}: {id_field} {record[id_field]!r} appears more than once")
-        found[key] = value
+        ids.add(record_id, where)
+        found[id_key(record_id)] = value
     return found
 
 
@@ -60,18 +58,27 @@ def caption_references(path: Path, *, cocoid: bool) -> dict[str, list[str]]:
     data = read_json(path, "annotations")
     references: dict[str, list[str]] = {}
     if isinstance(data, dict) and "annotations" in data:
+        # Several captions per image is the format; one caption record twice (its "id" repeated) is a broken file.
+        caption_ids = UniqueIds("id")
         for index, record in enumerate(list_field(data, "annotations", path)):
             where = f"{path}, annotations[{index}]"
-            references.setdefault(id_key(field_of(record, "image_id", where)), []).append(
+            if isinstance(record, dict) and "id" in record:
+                caption_ids.add(field_of(record, "id", where, ID_TYPES), where)
+            references.setdefault(id_key(field_of(record, "image_id", where, ID_TYPES)), []).append(
                 field_of(record, "caption", where, str)
             )
     elif isinstance(data, dict) and "images" in data:
+        image_ids = UniqueIds("cocoid" if cocoid else "image id (the file name's stem)")
         for index, record in enumerate(list_field(data, "images", path)):
             where = f"{path}, images[{index}]"
             if field_of(record, "split", where, str) != "test":
                 continue
-            # The scorer takes any JSON cocoid (ids match by value); the reader insists on an int.
-            image_id = field_of(record, "cocoid", where) if cocoid else karpathy_image_id(record, where, cocoid=False)
+            # The scorer takes a cocoid written as a string too (ids match by value); the reader insists on an int.
+            if cocoid:
+                image_id = field_of(record, "cocoid", where, ID_TYPES)
+            else:
+                image_id = karpathy_image_id(record, where, cocoid=False)
+            image_ids.add(image_id, where)
             sentences = field_of(record, "sentences", where, list)
             references[id_key(image_id)] = [field_of(s, "raw", f"{where}, sentences[{j}]", str) for j, s in enumerate(sentences)]
     else:
@@ -89,27 +96,32 @@ def vqa_answers(path: Path, questions: Path | None = None) -> dict[str, list[str
     data = read_json(path, "annotations")
     answers: dict[str, list[str]] = {}
     if isinstance(data, dict) and "annotations" in data:
+        ids = UniqueIds("question_id")
         for index, record in enumerate(list_field(data, "annotations", path)):
             where = f"{path}, annotations[{index}]"
-            answers[id_key(field_of(record, "question_id", where))] = list(answers_of(record, where))
+            question_id = ids.add(field_of(record, "question_id", where, ID_TYPES), where)
+            answers[id_key(question_id)] = list(answers_of(record, where))
     elif isinstance(data, dict) and "data" in data:  # native TextVQA
+        ids = UniqueIds("question_id")
         for index, record in enumerate(list_field(data, "data", path)):
             where = f"{path}, data[{index}]"
-            answers[id_key(field_of(record, "question_id", where))] = list(answers_of(record, where))
+            question_id = ids.add(field_of(record, "question_id", where, ID_TYPES), where)
+            answers[id_key(question_id)] = list(answers_of(record, where))
     elif isinstance(data, list):  # native VizWiz: one question per image, named by the image file
+        ids = UniqueIds("image")
         for index, record in enumerate(data):
             where = f"{path}, [{index}]"
-            answers[id_key(field_of(record, "image", where, str))] = list(answers_of(record, where))
+            answers[id_key(ids.add(field_of(record, "image", where, str), where))] = list(answers_of(record, where))
     else:
         raise ValueError(
             f"{path}: expected VQA annotations ({{'annotations': [...]}}), native TextVQA ({{'data': [...]}}) or "
             f"native VizWiz ([...]), got {type(data).__name__}"
         )
     if questions is not None:
-        question_ids = [
-            id_key(field_of(q, "question_id", f"{questions}, questions[{i}]"))
-            for i, q in enumerate(list_field(read_json(questions, "questions"), "questions", Path(questions)))
-        ]
+        asked, question_ids = UniqueIds("question_id"), []
+        for index, record in enumerate(list_field(read_json(questions, "questions"), "questions", Path(questions))):
+            where = f"{questions}, questions[{index}]"
+            question_ids.append(id_key(asked.add(field_of(record, "question_id", where, ID_TYPES), where)))
         missing = [q for q in question_ids if q not in answers]
         if missing:
             raise ValueError(f"{path}: no annotation for {len(missing)} question(s) of {questions}, e.g. {missing[:5]}")
@@ -122,7 +134,8 @@ def vqa_answers(path: Path, questions: Path | None = None) -> dict[str, list[str
 def jsonl_labels(path: Path) -> dict[str, int]:
     """id -> label, from a jsonl annotation file of ``{"id", "label"}`` lines (HatefulMemes)."""
     labels: dict[str, int] = {}
-    for index, record in enumerate(read_jsonl(path, "annotations")):
-        where = f"{path}, record {index}"
-        labels[id_key(field_of(record, "id", where))] = field_of(record, "label", where, int)
+    ids = UniqueIds("id")
+    for number, record in read_jsonl_lines(path, "annotations"):
+        where = f"{path}, line {number}"
+        labels[id_key(ids.add(field_of(record, "id", where, ID_TYPES), where))] = field_of(record, "label", where, int)
     return labels

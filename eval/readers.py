@@ -3,6 +3,10 @@
 ``layout`` maps each key of the task's layout (``flamingo_eval.tasks``; documented in ``flamingo_eval.data``) to the
 resolved file or folder, or to None where the key is optional and was given as "". A reader opens nothing but its
 annotation files and the image folders; image files are opened later, by ``flamingo.processing.load_image``.
+
+Each Example carries ``where`` (the file and record it came from), so that later checks (``load_task_data`` keeps
+images inside the task's data folders) can name the record. An id that a file repeats is refused (``UniqueIds``):
+scores and demo pools are keyed by id, and the last copy would otherwise win in silence.
 """
 
 from __future__ import annotations
@@ -11,15 +15,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .files import (
+    ID_TYPES,
     IMAGE_EXTENSIONS,
     Example,
     TaskData,
+    UniqueIds,
     answers_of,
     field_of,
     list_field,
     need_path,
     read_json,
-    read_jsonl,
+    read_jsonl_lines,
+    read_text,
 )
 
 
@@ -37,6 +44,7 @@ def _karpathy(layout, splits: dict[str, tuple[str, ...]], task: str, *, cocoid: 
     images = list_field(read_json(path, "karpathy_json"), "images", path)
     image_dir = need_path(layout["image_dir"], "image_dir", folder=True)
     found: dict[str, list[Example]] = {name: [] for name in splits}
+    ids = UniqueIds("cocoid" if cocoid else "image id (the file name's stem)")
     for index, record in enumerate(images):
         where = f"{path}, images[{index}]"
         split = field_of(record, "split", where, str)
@@ -47,8 +55,8 @@ def _karpathy(layout, splits: dict[str, tuple[str, ...]], task: str, *, cocoid: 
         captions = tuple(field_of(s, "raw", f"{where}, sentences[{j}]", str) for j, s in enumerate(field_of(record, "sentences", where, list)))
         # COCO's files sit in per-split folders named by "filepath"; Flickr30K's all sit in one folder.
         image = image_dir / field_of(record, "filepath", where, str) / filename if cocoid else image_dir / filename
-        image_id = karpathy_image_id(record, where, cocoid=cocoid)
-        found[target].append(Example(id=image_id, image=image, answers=captions))
+        image_id = ids.add(karpathy_image_id(record, where, cocoid=cocoid), where)
+        found[target].append(Example(id=image_id, image=image, answers=captions, where=where))
     return TaskData(task=task, support=found["support"], query=found["query"])
 
 
@@ -67,18 +75,23 @@ def _vqa_split(questions_path: Path, annotations_path: Path | None, image_dir: P
     image_dir = need_path(image_dir, f"{what}_image_dir", folder=True)
     # The questions file names its COCO subset ("train2014"); OpenFlamingo reads it off the folder name instead.
     subtype = questions_data.get("data_subtype") or image_dir.name
+    if not isinstance(subtype, str):
+        raise ValueError(f"{questions_path}: field 'data_subtype' should be str, got {type(subtype).__name__}")
     if subtype.startswith("test-dev"):  # test-dev2015 is a subset of test2015, whose files are COCO_test2015_*.jpg
         subtype = "test" + subtype[len("test-dev") :]
     answers: dict[Any, tuple[str, ...]] = {}
     if annotations_path is not None:
         annotations = list_field(read_json(annotations_path, f"{what}_annotations"), "annotations", annotations_path)
+        annotated = UniqueIds("question_id")
         for index, record in enumerate(annotations):
             where = f"{annotations_path}, annotations[{index}]"
-            answers[field_of(record, "question_id", where)] = answers_of(record, where)
+            question_id = annotated.add(field_of(record, "question_id", where, ID_TYPES), where)
+            answers[question_id] = answers_of(record, where)
     examples = []
+    asked = UniqueIds("question_id")
     for index, record in enumerate(questions):
         where = f"{questions_path}, questions[{index}]"
-        question_id = field_of(record, "question_id", where)
+        question_id = asked.add(field_of(record, "question_id", where, ID_TYPES), where)
         image_id = field_of(record, "image_id", where, int)
         if annotations_path is not None and question_id not in answers:
             raise ValueError(f"{annotations_path}: no annotation for question_id {question_id} ({where})")
@@ -88,6 +101,7 @@ def _vqa_split(questions_path: Path, annotations_path: Path | None, image_dir: P
                 image=image_dir / f"COCO_{subtype}_{image_id:012d}.jpg",
                 question=field_of(record, "question", where, str),
                 answers=answers.get(question_id, ()),
+                where=where,
             )
         )
     return examples
@@ -111,14 +125,16 @@ def read_textvqa(layout) -> TaskData:
         path = layout[key]
         records = list_field(read_json(path, key), "data", path)
         examples = []
+        ids = UniqueIds("question_id")
         for index, record in enumerate(records):
             where = f"{path}, data[{index}]"
             examples.append(
                 Example(
-                    id=field_of(record, "question_id", where),
+                    id=ids.add(field_of(record, "question_id", where, ID_TYPES), where),
                     image=image_dir / f"{field_of(record, 'image_id', where, str)}.jpg",
                     question=field_of(record, "question", where, str),
                     answers=answers_of(record, where) if "answers" in record else (),  # the test split has none
+                    where=where,
                 )
             )
         return examples
@@ -132,15 +148,17 @@ def read_vizwiz(layout) -> TaskData:
         records = list_field(read_json(path, key), None, path)
         image_dir = need_path(layout[image_key], image_key, folder=True)
         examples = []
+        ids = UniqueIds("image")  # VizWiz has one question per image: the image names the question
         for index, record in enumerate(records):
             where = f"{path}, [{index}]"
-            image = field_of(record, "image", where, str)
+            image = ids.add(field_of(record, "image", where, str), where)
             examples.append(
                 Example(
                     id=image,
                     image=image_dir / image,
                     question=field_of(record, "question", where, str),
                     answers=answers_of(record, where) if "answers" in record else (),  # the test split has none
+                    where=where,
                 )
             )
         return examples
@@ -156,24 +174,25 @@ def read_hateful_memes(layout) -> TaskData:
     def split(key: str) -> list[Example]:
         path = layout[key]
         examples = []
-        records = read_jsonl(path, key)
+        lines = read_jsonl_lines(path, key)
+        first = str(lines[0][1].get("img", "")) if lines else ""
         # "img" is relative to the dataset folder ("img/01235.png"); OpenFlamingo instead points image_dir at the
         # img/ folder itself and keeps only the file name. Accept both, decided once per file.
-        by_name = bool(records) and not (image_dir / str(records[0].get("img", ""))).is_file() and (
-            image_dir / Path(str(records[0].get("img", ""))).name
-        ).is_file()
-        for index, record in enumerate(records):
-            where = f"{path}, record {index}"
+        by_name = bool(lines) and not (image_dir / first).is_file() and (image_dir / Path(first).name).is_file()
+        ids = UniqueIds("id")
+        for number, record in lines:
+            where = f"{path}, line {number}"
             label = field_of(record, "label", where, int)
             if label not in (0, 1):
                 raise ValueError(f"{where}: field 'label' should be 0 or 1, got {label!r}")
             img = field_of(record, "img", where, str)
             examples.append(
                 Example(
-                    id=field_of(record, "id", where, (int, str)),
+                    id=ids.add(field_of(record, "id", where, ID_TYPES), where),
                     image=image_dir / (Path(img).name if by_name else img),
                     text=field_of(record, "text", where, str),
                     label=label,
+                    where=where,
                 )
             )
         return examples
@@ -200,7 +219,7 @@ def read_class_names(path: Path, class_dirs: list[str]) -> dict[str, str]:
             )
         return names
     names = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(path, "class_names").split("\n"), 1):
         if not line.strip():
             continue
         parts = line.strip().split(maxsplit=1)
@@ -239,11 +258,16 @@ def _custom_split(path: Path, key: str, example: Callable[[dict, Path, int, str]
     """One custom jsonl file, each line made into an Example by ``example(record, image, index, where)``; images are
     relative to the file."""
     examples = []
-    for index, record in enumerate(read_jsonl(path, key)):
-        where = f"{path}, record {index}"
+    for index, (number, record) in enumerate(read_jsonl_lines(path, key)):
+        where = f"{path}, line {number}"
         image = path.parent / field_of(record, "image", where, str)
         examples.append(example(record, image, index, where))
     return examples
+
+
+def _optional_id(record: dict, key: str, index: int, where: str) -> int | str:
+    """The record's own id (``key``: an int or a string), else its index among the file's records."""
+    return field_of(record, key, where, ID_TYPES) if key in record else index
 
 
 def _read_custom(layout, example: Callable[[dict, Path, int, str], Example]) -> TaskData:
@@ -262,16 +286,24 @@ def _caption_example(record: dict, image: Path, index: int, where: str) -> Examp
         captions = (field_of(record, "caption", where, str),)
     if not captions or not all(isinstance(c, str) for c in captions):
         raise ValueError(f"{where}: 'captions' should be a non-empty list of strings")
-    return Example(id=record.get("id", index), image=image, answers=captions)
+    return Example(id=_optional_id(record, "id", index, where), image=image, answers=captions, where=where)
 
 
 def _vqa_example(record: dict, image: Path, index: int, where: str) -> Example:
     if "answers" in record:
-        answers = tuple(str(a) for a in field_of(record, "answers", where, list))
+        raw = field_of(record, "answers", where, list)
+        # Numbers are answers too ("2"); an empty list, or a list, object or boolean among them, is a broken record.
+        if not raw or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in raw):
+            raise ValueError(f"{where}: 'answers' should be a non-empty list of strings")
+        answers = tuple(str(a) for a in raw)
     else:
         answers = (field_of(record, "answer", where, str),)
     return Example(
-        id=record.get("question_id", index), image=image, question=field_of(record, "question", where, str), answers=answers
+        id=_optional_id(record, "question_id", index, where),
+        image=image,
+        question=field_of(record, "question", where, str),
+        answers=answers,
+        where=where,
     )
 
 

@@ -35,7 +35,7 @@ from .data import load_task_data
 from .demos import ImageEmbedder, RandomDemos, RicesDemos, cached_features
 from .generation import count_truncated
 from .metrics.okvqa_stem import require_stem_backend
-from .results import ProgressLog, settings_hash, write_results
+from .results import OutputLock, ProgressLog, check_output_paths, settings_hash, write_results
 from .score import trial_scores, write_predictions
 from .tasks import Task, TaskSpec, get_task, spec_for_data
 
@@ -91,7 +91,11 @@ class MediaCache:
 
 class Evaluator:
     """Runs :class:`EvalConfig` (``flamingo_eval.config``). ``model``/``processor`` may be passed in (tests,
-    benchmarks, training's in-loop evaluation) instead of loaded."""
+    benchmarks, training's in-loop evaluation) instead of loaded.
+
+    The output paths are checked, and the main process locks the output (``flamingo_eval.results.OutputLock``),
+    before the model loads; ``run`` releases the lock when it ends.
+    """
 
     def __init__(self, config: EvalConfig, *, model=None, processor=None):
         from accelerate import PartialState
@@ -100,8 +104,26 @@ class Evaluator:
         # On a machine without an accelerator, processes started by torchrun / ``accelerate launch --multi_gpu``
         # only join one gloo group if PartialState is told it runs on CPUs.
         self.state = PartialState(cpu=not torch.accelerator.is_available())
+        check_output_paths(
+            config.output,
+            predictions_dir=config.predictions_dir,
+            rices_cache_dir=config.rices_cache_dir if config.rices else None,
+        )
+        # Only the main process writes the results: the other processes of the same run must not contend for it.
+        self.output_lock = OutputLock(config.output)
+        if self.state.is_main_process:
+            self.output_lock.acquire()
+        try:
+            self._set_up(config, model, processor)
+        except BaseException:
+            self.output_lock.release()
+            raise
+
+    def _set_up(self, config: EvalConfig, model, processor) -> None:
         if model is None:
-            model, processor = load_model(config.model, dtype=torch_dtype(config.dtype))
+            model, processor = load_model(
+                config.model, dtype=torch_dtype(config.dtype), trust_remote_code=config.trust_remote_code
+            )
         self.model = model.to(self.state.device).eval()
         self.processor = processor
         self.media_cache = MediaCache(self.model, processor, enabled=config.media_cache)
@@ -112,6 +134,14 @@ class Evaluator:
     # ------------------------------------------------------------------------------------------------ driver
     def run(self) -> dict | None:
         """Evaluate every (task, shots, seed); the main process writes and returns the results, others None."""
+        if self.state.is_main_process:
+            self.output_lock.acquire()  # held already, unless an earlier run() released it
+        try:
+            return self._run_all()
+        finally:
+            self.output_lock.release()
+
+    def _run_all(self) -> dict | None:
         cfg = self.config
         trials: list[dict] = []
         run_config = {**dataclasses.asdict(cfg), "model_config": _model_identity(self.model)}
@@ -125,7 +155,9 @@ class Evaluator:
             run_config["okvqa_stem_backend"] = require_stem_backend()
         for task in tasks:
             name = task.name
-            data = load_task_data(task, data_dir=cfg.data_dir, paths=cfg.paths.get(name))
+            data = load_task_data(
+                task, data_dir=cfg.data_dir, paths=cfg.paths.get(name), allow_outside_paths=cfg.allow_outside_paths
+            )
             spec = self._spec(task, data)
             episodes = task.kind.episode_demos(data)  # None: demos come from the support pool
             rices = cfg.rices and episodes is None
@@ -283,13 +315,14 @@ class Evaluator:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def load_model(directory: Path, *, dtype=torch.float32):
-    """A saved Flamingo model and its processor; ValueError naming the directory if it is not one."""
+def load_model(directory: Path, *, dtype=torch.float32, trust_remote_code: bool = False):
+    """A saved Flamingo model and its processor; ValueError naming the directory if it is not one.
+    trust_remote_code: the user's --trust-remote-code (never read from the model's files)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"--model {directory}: directory not found.")
-    model = Flamingo.from_pretrained(directory, dtype=dtype)
-    return model.eval(), FlamingoProcessor.from_pretrained(directory)
+    model = Flamingo.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval(), FlamingoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
 
 
 def _model_identity(model) -> dict:

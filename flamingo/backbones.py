@@ -15,11 +15,12 @@ references (a small folder that needs the original to stay where it is), ``save_
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .configuration import CONFIG_NAME, FlamingoConfig
-from .io import atomic_save_safetensors, load_safetensors
+from .io import RefusedPickle, atomic_save_safetensors, check_finite, load_safetensors, refused_pickle
 from .vision import VisionEncoder, load_vision_encoder, register_model_config
 
 if TYPE_CHECKING:
@@ -41,23 +42,46 @@ def reference(name_or_path: str | None) -> str | None:
 
 
 def load_lang_model(
-    lang_model: str | PreTrainedModel, *, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+    lang_model: str | PreTrainedModel,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    field: str = "lang_model",
 ) -> PreTrainedModel:
-    """A causal LM from a hub id or path (``AutoModelForCausalLM``); a model object is returned as it is."""
+    """A causal LM from a hub id or path (``AutoModelForCausalLM``); a model object is returned as it is.
+
+    A weights file that is a pickle torch refuses to load (``weights_only``: it would run code) is a ValueError
+    naming ``field`` (how the config calls this LM) and the model, not torch's UnpicklingError.
+    """
     from torch import nn
     from transformers import AutoModelForCausalLM
 
     if isinstance(lang_model, nn.Module):
         return lang_model
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(lang_model, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(lang_model, trust_remote_code=trust_remote_code, **kwargs)
+    except pickle.UnpicklingError as error:
+        pickles = sorted(Path(lang_model).glob("*.bin")) if Path(lang_model).is_dir() else []
+        named = ", ".join(str(path) for path in pickles) or lang_model
+        raise ValueError(refused_pickle(field, named, error)) from error
+
+
+def runs_own_code(lang_model: PreTrainedModel) -> bool:
+    """Whether a loaded LM came from its repo's own code: its config maps AutoModelForCausalLM to a class there
+    (``auto_map``, the key transformers itself reads to find remote code)."""
+    auto_map = getattr(lang_model.config, "auto_map", None) or {}
+    return "AutoModelForCausalLM" in auto_map
 
 
 def load_backbones(
-    config: FlamingoConfig, directory: Path, *, dtype: torch.dtype | None = None
+    config: FlamingoConfig, directory: Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False
 ) -> tuple[VisionEncoder, PreTrainedModel]:
     """The vision tower and the LM a saved ``config`` names (relative names are looked up in ``directory``), the LM
-    resized to the saved vocabulary. Afterwards ``config`` names local backbones by absolute path (see above)."""
+    resized to the saved vocabulary. Afterwards ``config`` names local backbones by absolute path (see above).
+
+    trust_remote_code: the caller's permission for the LM's own code (never read from ``config``). Every weight of
+    both backbones is checked to be finite (a ValueError names the file otherwise)."""
     if config.vision_model is None or config.lang_model is None:
         raise ValueError(f"{directory}/{CONFIG_NAME} does not say which backbones to load (vision_model, lang_model).")
     _check_local_backbone("lang_model", config.lang_model, directory, saved_name=LANG_MODEL_DIR)
@@ -67,15 +91,22 @@ def load_backbones(
     if config.vision_model_cfg is not None:
         register_model_config(config.vision_model, config.vision_model_cfg)
     saved_tower = config.vision_pretrained is not None and config.vision_pretrained.endswith(VISION_WEIGHTS_NAME)
-    vision_encoder, _, _ = load_vision_encoder(
-        config.vision_model,
-        None if saved_tower else config.vision_pretrained,
-        feature_stage=config.vision_feature_stage,
-        weights_follow=saved_tower,
-    )
+    config_path = directory / CONFIG_NAME
+    try:
+        vision_encoder, _, _ = load_vision_encoder(
+            config.vision_model,
+            None if saved_tower else config.vision_pretrained,
+            feature_stage=config.vision_feature_stage,
+            weights_follow=saved_tower,
+        )
+    except RefusedPickle as error:
+        raise ValueError(f"{config_path}: {error}") from error
     if saved_tower:
         vision_encoder.visual.load_state_dict(load_safetensors(config.vision_pretrained))
-    lm = load_lang_model(config.lang_model, trust_remote_code=config.trust_remote_code, dtype=dtype)
+    vision_source = config.vision_pretrained or f"the open_clip model {config.vision_model}"
+    check_finite(vision_encoder.visual.state_dict().items(), source=vision_source)
+    lm = load_lang_model(config.lang_model, trust_remote_code=trust_remote_code, dtype=dtype, field=f"{config_path}: lang_model")
+    check_finite(lm.state_dict().items(), source=f"the language model {config.lang_model}")
     if lm.get_input_embeddings().weight.shape[0] != config.vocab_size:
         lm.resize_token_embeddings(config.vocab_size, mean_resizing=False)
     return vision_encoder, lm

@@ -93,7 +93,10 @@ class FlamingoConfig:
     # Frozen language-model parameters whose values differ from the referenced backbone (for example the embedding
     # table that OpenFlamingo trained in full). They are saved alongside the trainable weights.
     saved_lang_params: list[str] = field(default_factory=list)
-    trust_remote_code: bool = False
+    # The language model runs its own Python code (it was built with trust_remote_code=True and its config names
+    # code through "auto_map"). A record only: loading such a model still needs the user's own
+    # trust_remote_code=True at the call, and fails with a message saying so without it (flamingo.pretrained).
+    requires_remote_code: bool = False
     # An image (pixel_values or media) holding NaN or inf: "raise" a ValueError naming it, or "mask" it out, so it is
     # attended by no token and the rest of the batch is computed exactly as if that image were any finite one.
     # Read at every call, so ``model.config.nonfinite_media = "mask"`` on a built model works.
@@ -112,6 +115,14 @@ class FlamingoConfig:
                 if data.get(legacy, value) != value:
                     raise ValueError(f"{where}: {legacy}: {data[legacy]!r} is not supported; the token is {value!r}.")
                 data.pop(legacy, None)
+            # Earlier versions wrote a setting that loading obeyed, so a file could switch remote code on. Now it is
+            # read only as what it recorded, that the LM needs its code; running it takes the user's own argument.
+            if "trust_remote_code" in data:
+                legacy = data.pop("trust_remote_code")
+                if not isinstance(legacy, bool):
+                    raise ValueError(f"{where}: trust_remote_code: expected bool, got {legacy!r} ({type(legacy).__name__}).")
+                if legacy:
+                    data["requires_remote_code"] = True
         return build(cls, data, where=where)
 
     def save(self, directory: str | Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .backbones import load_lang_model, reference
+from .backbones import load_lang_model, reference, runs_own_code
 from .configuration import CrossAttentionConfig, FlamingoConfig, PerceiverConfig
 from .modeling import Flamingo
 from .processing import FlamingoProcessor
@@ -47,6 +47,8 @@ def create_model_and_processor(
     lang_model: HF hub id, local path, or a loaded causal LM. tokenizer: defaults to the LM's.
     resize_to_tokenizer: resize the LM vocabulary to exactly ``len(tokenizer)`` (OpenFlamingo's choice); by default
     the embeddings only grow when the added tokens need rows.
+    trust_remote_code: run the LM's (and tokenizer's) own Python code from its repo or folder; the saved config then
+    records ``requires_remote_code``, and loading it needs the same permission again.
     """
     config = FlamingoConfig(
         vision_model=vision_model if isinstance(vision_model, str) else None,
@@ -57,13 +59,14 @@ def create_model_and_processor(
         decoder_layers_attr=decoder_layers_attr,
         perceiver=perceiver or PerceiverConfig(),
         cross_attention=cross_attention or CrossAttentionConfig(),
-        trust_remote_code=trust_remote_code,
     )
     vision_encoder, preprocess_cfg, model_cfg = load_vision_encoder(
         vision_model, vision_pretrained, feature_stage=vision_feature_stage
     )
     config.vision_model_cfg, config.vision_preprocess_cfg = model_cfg, preprocess_cfg
     lm = load_lang_model(lang_model, trust_remote_code=trust_remote_code, dtype=dtype)
+    # Recorded so that loading the saved model asks for the user's permission again (flamingo.pretrained).
+    config.requires_remote_code = trust_remote_code and runs_own_code(lm)
 
     if tokenizer is None:
         tokenizer = lang_model if isinstance(lang_model, str) else lm.name_or_path

@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+# The default pixel limit (width x height) for image files and bytes: a 24-megapixel camera photo passes, a 12000 x
+# 12000 PNG (a few kB that would decode to 432 MB) does not. Here, not in flamingo.images, because configs read it
+# without importing torch.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
 class OutsideDataRoot(ValueError):
     """A record's path that leads outside its data folder (``..``, an absolute path, or a symlink)."""
 

@@ -22,7 +22,6 @@ cost half a gigabyte. Pass ``max_pixels=None`` to lift the limit.
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .file_access import open_regular_file
+from .file_access import MAX_IMAGE_PIXELS, open_regular_file
 
 ImageLike = Image.Image | str | Path | bytes | np.ndarray | torch.Tensor
 
 _CHANNELS = (1, 3, 4)
-# The default pixel limit for decoded files and bytes (width x height); in-memory images are already decoded.
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 class ImageTooLarge(ValueError):
@@ -65,16 +62,15 @@ def load_image(image: ImageLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS) -
     name = f"{len(image)} bytes" if isinstance(image, bytes) else str(image)
     try:
         source = io.BytesIO(image) if isinstance(image, bytes) else open_regular_file(image)
-        with source, warnings.catch_warnings():
-            # Our own limit below replaces Pillow's warning (its hard limit, twice its warning's, still applies).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as opened:
-                if max_pixels is not None and opened.width * opened.height > max_pixels:
-                    raise ImageTooLarge(
-                        f"Image {name} is {opened.width} x {opened.height} = {opened.width * opened.height:,} pixels, "
-                        f"over the limit of {max_pixels:,} (max_pixels); it was not decoded."
-                    )
-                return _pil_to_rgb(opened)
+        # Pillow's own limits still apply: above ~89 M pixels it warns, above twice that it refuses. No
+        # warnings.catch_warnings() here to hush it: that would reset every "once" warning of the process per image.
+        with source, Image.open(source) as opened:
+            if max_pixels is not None and opened.width * opened.height > max_pixels:
+                raise ImageTooLarge(
+                    f"Image {name} is {opened.width} x {opened.height} = {opened.width * opened.height:,} pixels, "
+                    f"over the limit of {max_pixels:,} (max_pixels); it was not decoded."
+                )
+            return _pil_to_rgb(opened)
     # DecompressionBombError (an absurdly large or corrupt header) is not an OSError.
     except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"Cannot read image {name}: {error}") from error

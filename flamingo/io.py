@@ -1,14 +1,20 @@
 """File reads and writes for saved models.
 
 Writes are atomic: a reader (or a resumed run) sees the old file or the new one, never half of one. Reads turn a
-damaged file into a ValueError that names it, instead of a traceback from inside json or safetensors.
+damaged file into a ValueError that names it, instead of a traceback from inside json or safetensors. A write that
+fails because the disk is full says so, naming the folder (:func:`naming_a_full_disk`), instead of torch's
+``basic_ios::clear``.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,3 +81,89 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"{path} is truncated or corrupt ({error}); download it again or re-save it with save_pretrained."
         ) from error
+
+
+_CHECK_SLICE = 1 << 24  # elements per slice in check_finite
+
+
+def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], *, source: str | Path) -> None:
+    """Raise a ValueError naming ``source`` and the first tensor that holds a NaN or an infinity.
+
+    Loaded weights are checked here, so that a damaged file (or one saved from a diverged run) is named when it is
+    read, instead of the first forward's NaN being blamed on the input. Large tensors are checked in slices, so the
+    check needs little memory beyond the weights themselves.
+    """
+    for name, tensor in named_tensors:
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), _CHECK_SLICE):
+            part = flat[start : start + _CHECK_SLICE]
+            if not bool(part.isfinite().all()):
+                bad = int((~flat.isfinite()).sum())
+                raise ValueError(
+                    f"{source}: the weight {name} holds {bad:,} NaN or infinite value(s) of {flat.numel():,}; the "
+                    "file is damaged, or was saved from a run that diverged. Load an earlier checkpoint."
+                )
+
+
+class RefusedPickle(ValueError):
+    """A weights file that torch's ``weights_only`` unpickler refused (it holds code, not only tensors)."""
+
+
+def refused_pickle(field: str, value: str, error: Exception) -> str:
+    """The message for a weights file that torch's ``weights_only`` unpickler refused, naming the field and file."""
+    # torch's message is a paragraph of advice, the reason ("unsupported GLOBAL posix.system"), then a link; show
+    # the reason. For display only: other wordings fall back to the first paragraph.
+    paragraphs = [part.strip() for part in str(error).split("\n\n") if part.strip()] or [type(error).__name__]
+    reason = next((part for part in paragraphs[1:] if not part.startswith("Check the documentation")), paragraphs[0])
+    reason = reason.split("WeightsUnpickler error:")[-1].strip()
+    return (
+        f"{field}: {value} holds a pickle that torch refuses to load with weights_only=True, because loading it "
+        f"could run code ({reason.rstrip('.')}). Only plain weights are read: convert the file to safetensors, or, if "
+        "you trust it, load it yourself and save it again."
+    )
+
+
+# After a write failed, less free space than this on the folder's filesystem means that the disk filled up: a write
+# fills the last free blocks before it fails, and nothing frees them in between.
+LOW_FREE_SPACE = 16 * 2**20
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def naming_a_full_disk(folder: str | Path, what: str) -> Iterator[None]:
+    """Re-raise an error of the writes inside as ``OSError(ENOSPC)`` naming ``folder`` and ``what`` was being written
+    when the disk is full; any other error passes unchanged.
+
+    Our own writes fail with errno ENOSPC and safetensors says "os error 28", but torch.save's writer only says
+    ``unexpected pos`` or ``basic_ios::clear``: for those, the space left on ``folder``'s filesystem decides.
+    """
+    try:
+        yield
+    except Exception as error:
+        if not (_says_disk_full(error) or _free_bytes(Path(folder)) < LOW_FREE_SPACE):
+            raise
+        raise OSError(errno.ENOSPC, f"No space left on device: writing {what} into {folder} failed") from error
+
+
+def _says_disk_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or one it was raised from, is a write refused for want of space."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):  # safetensors' Rust io::Error
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _free_bytes(folder: Path) -> float:
+    """Free bytes on the filesystem of ``folder`` (or of its nearest existing parent); infinite if unknown."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return float("inf")
+    return float("inf")

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .backbones import load_backbones, write_backbones
-from .configuration import FlamingoConfig
+from .configuration import CONFIG_NAME, FlamingoConfig
 from .deprecation import renamed_argument
-from .io import atomic_save_safetensors, load_safetensors
-from .micro.shipped import resolve_model_path
+from .io import atomic_save_safetensors, check_finite, load_safetensors
+from .micro.shipped import is_shipped_model, resolve_model_path
 
 if TYPE_CHECKING:
     import torch
@@ -63,27 +63,43 @@ class PretrainedMixin:
         directory: str | Path,
         *,
         dtype: torch.dtype | None = None,
-        trust_remote_code: bool | None = None,
+        trust_remote_code: bool = False,
         torch_dtype: torch.dtype | None = None,
     ):
         """Rebuild a model written by :meth:`save_pretrained`, from its directory; ``"micro"`` is the model shipped
-        in the package (:mod:`flamingo.micro.shipped`; a local directory of that name wins).
+        in the package (a reserved name: :mod:`flamingo.micro.shipped`).
 
-        dtype: the language model's dtype (default: as saved). trust_remote_code: run the LM's own code from its
-        directory or hub repo; default: what the saved config says (it is only ever set by the user who built the
-        model). torch_dtype: the deprecated name of ``dtype``. A self-contained directory's backbones are
-        afterwards referred to by absolute path (:mod:`flamingo.backbones`), so the model saves anywhere.
+        dtype: the language model's dtype (default: as saved). trust_remote_code: run the LM's own Python code from
+        its directory or hub repo. Only this argument allows it, never a file: a config that records
+        ``requires_remote_code`` fails to load without it, saying so; the shipped model never runs code.
+        torch_dtype: the deprecated name of ``dtype``. A self-contained directory's backbones are afterwards referred
+        to by absolute path (:mod:`flamingo.backbones`), so the model saves anywhere.
+
+        Every loaded weight is checked to be finite; a NaN or inf is a ValueError naming the file it came from.
         """
         dtype = renamed_argument(dtype, torch_dtype, new="dtype", old="torch_dtype", where="Flamingo.from_pretrained")
         directory = resolve_model_path(directory)
+        if is_shipped_model(directory):
+            trust_remote_code = False  # the shipped model has no code of its own, whatever its files say
         config = FlamingoConfig.load(directory)
-        if trust_remote_code is not None:
-            config.trust_remote_code = trust_remote_code
+        if config.requires_remote_code and not trust_remote_code:
+            raise ValueError(remote_code_refusal(directory, config))
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise ValueError(f"{directory} holds no {WEIGHTS_NAME}.")
         state = load_safetensors(weights)  # before the backbones load, so a damaged file fails at once
-        vision_encoder, lang_model = load_backbones(config, directory, dtype=dtype)
+        check_finite(state.items(), source=weights)
+        vision_encoder, lang_model = load_backbones(config, directory, dtype=dtype, trust_remote_code=trust_remote_code)
         model = cls(config, vision_encoder, lang_model)
         model.load_trainable_state_dict(state)
         return model
+
+
+def remote_code_refusal(directory: Path, config: FlamingoConfig) -> str:
+    """Why a model whose config records ``requires_remote_code`` does not load, and how to allow it."""
+    return (
+        f"{directory / CONFIG_NAME} records that its language model ({config.lang_model}) runs its own Python code "
+        "(requires_remote_code), and code from a model folder runs only when you ask. If you trust this folder, "
+        "pass trust_remote_code=True (Flamingo.from_pretrained), --trust-remote-code (flamingo-eval run), or set "
+        "model.trust_remote_code: true (flamingo-train)."
+    )

@@ -29,7 +29,7 @@ from transformers import BatchFeature
 
 from .images import ImageLike, is_image, load_image
 from .io import atomic_write_text, read_json
-from .micro.shipped import resolve_model_path
+from .micro.shipped import is_shipped_model, resolve_model_path
 from .tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
 if TYPE_CHECKING:
@@ -212,14 +212,18 @@ class FlamingoProcessor:
         atomic_write_text(directory / PREPROCESSOR_CONFIG_NAME, json.dumps(self.preprocess_cfg, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **tokenizer_kwargs) -> FlamingoProcessor:
+    def from_pretrained(
+        cls, directory: str | Path, *, trust_remote_code: bool = False, **tokenizer_kwargs
+    ) -> FlamingoProcessor:
         """The processor saved in ``directory``; ``"micro"`` is the shipped micro model's (as in
-        :meth:`Flamingo.from_pretrained`)."""
+        :meth:`Flamingo.from_pretrained`). trust_remote_code: run the tokenizer's own code, if it has any (only this
+        argument allows it; never for the shipped model). tokenizer_kwargs go to ``AutoTokenizer.from_pretrained``."""
         directory = resolve_model_path(directory)
+        trust_remote_code = trust_remote_code and not is_shipped_model(directory)
         path = directory / PREPROCESSOR_CONFIG_NAME
         if not path.is_file():
             raise ValueError(f"{directory} holds no {PREPROCESSOR_CONFIG_NAME}; was it written by save_pretrained?")
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(directory, **tokenizer_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code, **tokenizer_kwargs)
         return cls(tokenizer, read_json(path))

@@ -213,7 +213,10 @@ def _scalar(value: Any, hint: Any) -> Any:
         return value if isinstance(value, int) else _MISMATCH
     if hint is float:
         if isinstance(value, (int, float)):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond float's range
+                return _MISMATCH
         if isinstance(value, str):
             try:  # YAML 1.1 reads "1e-4" (no dot) as a string
                 return float(value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .io import RefusedPickle, refused_pickle
 
 # open_clip is imported inside the functions that build or describe towers: importing it costs seconds (it pulls in
 # much of transformers), and a VisionEncoder wrapping a tower already built needs none of it.
@@ -159,6 +162,8 @@ def load_vision_encoder(
         logging.getLogger().addFilter(quiet)  # open_clip warns through the root logger
     try:
         model = open_clip.create_model(vision_model, pretrained=pretrained)
+    except pickle.UnpicklingError as error:
+        raise RefusedPickle(refused_pickle("vision_pretrained", pretrained, error)) from error
     finally:
         if quiet:
             logging.getLogger().removeFilter(quiet)

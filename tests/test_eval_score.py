@@ -41,7 +41,8 @@ def test_caption_score_equals_pycocoevalcap_on_the_karpathy_test_split(task, ann
 
 def test_caption_score_reads_a_coco_format_annotation_file_too(root, tmp_path):
     data = load_task_data("coco", data_dir=root)
-    coco_format = {"annotations": [{"image_id": e.id, "caption": c, "id": k} for k, e in enumerate(data.query) for c in e.answers]}
+    captions = [(e.id, c) for e in data.query for c in e.answers]
+    coco_format = {"annotations": [{"image_id": i, "caption": c, "id": k} for k, (i, c) in enumerate(captions)]}
     annotations = _write(tmp_path / "captions_test.json", coco_format)
     records = [prediction_record("coco", e, e.answers[1]) for e in data.query]
     path = write_predictions("coco", records, tmp_path / "results.json")

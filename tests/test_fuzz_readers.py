@@ -64,7 +64,7 @@ def test_parse_record_gives_a_document_or_a_bad_record_for_any_input(record, for
     try:
         document = parse_record(record, format, Path("root"))
     except BadRecord as bad:
-        assert bad.reason in ("malformed_json", "malformed_record", "image_count_mismatch")
+        assert bad.reason in ("malformed_json", "malformed_record", "image_count_mismatch", "outside_data_root")
         return
     assert isinstance(document, Document) and isinstance(document.prefix, str)
     assert all(isinstance(text, str) for _, text in document.chunks)

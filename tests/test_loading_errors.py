@@ -3,6 +3,7 @@ deep inside json, safetensors, huggingface_hub or torch.load. Each test damages 
 loads it through the public entry points."""
 
 import json
+import pickle
 import re
 import shutil
 
@@ -128,6 +129,80 @@ def test_a_self_contained_save_missing_its_language_model_folder_says_so(tiny_vi
     shutil.rmtree(tmp_path / "language_model")
     with pytest.raises(ValueError, match=r"lang_model.*" + re.escape(str(tmp_path / "language_model"))):
         flamingo.Flamingo.from_pretrained(tmp_path)
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it creates its marker file (a hostile checkpoint would run any code instead)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _write_pickle_payload(path, marker):
+    with open(path, "wb") as file:
+        pickle.dump({"weights": _RunsCode(marker)}, file, protocol=2)
+    return path
+
+
+def test_a_vision_weights_pickle_that_torch_refuses_names_the_field_and_the_file(copy_of_saved, tmp_path):
+    marker = tmp_path / "code-ran"
+    payload = _write_pickle_payload(tmp_path / "tower.pt", marker)
+    _edit_config(copy_of_saved, vision_pretrained=str(payload))
+    with pytest.raises(ValueError, match=r"config\.json: vision_pretrained: " + re.escape(str(payload)) + ".*weights_only"):
+        flamingo.Flamingo.from_pretrained(copy_of_saved)
+    assert not marker.exists()
+
+
+def test_a_vision_weights_pickle_given_to_the_factory_names_the_argument(tiny_vision, tiny_llama_dir, tmp_path):
+    payload = _write_pickle_payload(tmp_path / "tower.pt", tmp_path / "code-ran")
+    with pytest.raises(ValueError, match=r"vision_pretrained: " + re.escape(str(payload)) + ".*safetensors"):
+        build_tiny_model({**tiny_vision, "weights": str(payload)}, tiny_llama_dir)
+    assert not (tmp_path / "code-ran").exists()
+
+
+def test_a_language_model_pickle_that_torch_refuses_names_the_field_and_the_file(copy_of_saved, tiny_llama_dir, tmp_path):
+    lm_dir = shutil.copytree(tiny_llama_dir, tmp_path / "lm")
+    (lm_dir / "model.safetensors").unlink()
+    payload = _write_pickle_payload(lm_dir / "pytorch_model.bin", tmp_path / "code-ran")
+    _edit_config(copy_of_saved, lang_model=str(lm_dir))
+    with pytest.raises(ValueError, match=r"config\.json: lang_model: " + re.escape(str(payload)) + ".*weights_only"):
+        flamingo.Flamingo.from_pretrained(copy_of_saved)
+    assert not (tmp_path / "code-ran").exists()
+
+
+def _poison(path, name_part):
+    """Set one value of the first tensor whose name contains ``name_part`` in a safetensors file to NaN."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    name = next(n for n in sorted(tensors) if name_part in n and tensors[n].is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return name
+
+
+def test_nan_in_the_trained_weights_is_named_with_the_file_and_the_weight(copy_of_saved):
+    name = _poison(copy_of_saved / "model.safetensors", "perceiver")
+    with pytest.raises(ValueError, match=re.escape(f"{copy_of_saved / 'model.safetensors'}: the weight {name} holds 1 NaN")):
+        flamingo.Flamingo.from_pretrained(copy_of_saved)
+
+
+def test_nan_in_a_saved_backbone_is_named_with_its_file(tiny_vision, tiny_llama_dir, tmp_path):
+    model, _ = build_tiny_model(tiny_vision, tiny_llama_dir)
+    model.save_pretrained(tmp_path / "model", save_backbones=True)
+    vision_file = tmp_path / "model" / "vision_model.safetensors"
+    shutil.copy(vision_file, tmp_path / "intact.safetensors")
+    name = _poison(vision_file, "")
+    with pytest.raises(ValueError, match=re.escape(f"{vision_file}: the weight {name} holds 1 NaN")):
+        flamingo.Flamingo.from_pretrained(tmp_path / "model")
+    shutil.copy(tmp_path / "intact.safetensors", vision_file)
+    name = _poison(tmp_path / "model" / "language_model" / "model.safetensors", "layers.0")
+    lm_dir = tmp_path / "model" / "language_model"
+    with pytest.raises(ValueError, match=re.escape(f"the language model {lm_dir}: the weight {name} holds 1 NaN")):
+        flamingo.Flamingo.from_pretrained(tmp_path / "model")
 
 
 # ------------------------------------------------------------------------------------------------ processor

@@ -56,13 +56,19 @@ def test_micro_saved_elsewhere_reloads_with_the_same_outputs(micro, tmp_path, sa
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
-def test_a_local_directory_named_micro_wins_over_the_shipped_model(tmp_path, monkeypatch):
-    shutil.copytree(shipped.MICRO_MODEL_DIR, tmp_path / "micro")
-    monkeypatch.setattr(shipped, "MICRO_MODEL_DIR", tmp_path / "not-shipped")  # the shipped one is out of reach
+def test_micro_is_a_reserved_name_a_local_folder_of_that_name_loads_only_as_a_path(tmp_path, monkeypatch):
+    mine = shutil.copytree(shipped.MICRO_MODEL_DIR, tmp_path / "micro")
+    config = json.loads((mine / "config.json").read_text())
+    config["nonfinite_media"] = "mask"  # tells the two apart (the shipped one says "raise")
+    (mine / "config.json").write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
-    assert resolve_model_path("micro") == Path("micro")
-    assert flamingo.Flamingo.from_pretrained("micro").config.vision_model is not None
-    assert flamingo.FlamingoProcessor.from_pretrained(Path("micro")).tokenizer is not None
+    with pytest.warns(UserWarning, match=r"means the shipped micro model.*'\./micro'"):
+        assert resolve_model_path("micro") == shipped.MICRO_MODEL_DIR
+    with pytest.warns(UserWarning, match="shipped micro model"):
+        shipped_model = flamingo.Flamingo.from_pretrained("micro")
+    local = flamingo.Flamingo.from_pretrained("./micro")
+    assert (shipped_model.config.nonfinite_media, local.config.nonfinite_media) == ("raise", "mask")
+    assert flamingo.FlamingoProcessor.from_pretrained("./micro").tokenizer is not None
 
 
 @pytest.mark.parametrize("load", [flamingo.Flamingo.from_pretrained, flamingo.FlamingoProcessor.from_pretrained])

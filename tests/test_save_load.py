@@ -68,7 +68,7 @@ def test_from_pretrained_takes_the_documented_dtype_and_trust_remote_code(tmp_pa
     model.save_pretrained(tmp_path)
     loaded = flamingo.Flamingo.from_pretrained(tmp_path, dtype=torch.bfloat16, trust_remote_code=False)
     assert {p.dtype for p in loaded.lang_model.parameters()} == {torch.bfloat16}
-    assert loaded.config.trust_remote_code is False
+    assert loaded.config.requires_remote_code is False
     with pytest.warns(FutureWarning, match="torch_dtype"):
         old_name = flamingo.Flamingo.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     assert {p.dtype for p in old_name.lang_model.parameters()} == {torch.bfloat16}

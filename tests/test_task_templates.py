@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -93,8 +94,9 @@ def test_the_command_writes_records_and_a_data_entry_that_train_through_the_real
     assert "labels: last_answer" in capsys.readouterr().out
     records = [json.loads(line) for line in output.read_text().splitlines()]
     images = [image for record in records for image in record["images"]]
-    assert all(not image.startswith("/") and (output.parent / image).is_file() for image in images)
     (entry,) = yaml.safe_load(snippet.read_text())
+    root = Path(entry.get("image_root", output.parent))  # the task's folder: the images are not under out/
+    assert all(not image.startswith(("/", "..")) and (root / image).is_file() for image in images)
     config = DataConfig.from_dict(entry)
     assert (config.format, config.labels, config.answer_markers, config.max_images) == (
         "simple", "last_answer", ["Short answer:"], 3)

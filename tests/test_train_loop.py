@@ -431,10 +431,13 @@ def test_the_trainable_weights_filter_keeps_only_the_trainable_modules():
 
 @pytest.mark.parametrize("kind,kwargs", [("DEEPSPEED", {}), ("MULTI_GPU", {"strict": False}), ("NO", {"strict": False})])
 def test_resume_passes_strict_false_except_to_deepspeed_whose_loader_has_no_such_argument(tmp_path, kind, kwargs):
-    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 4, "world_size": 1, "ranks": [{"x": 1}]}))
+    rank = {"positions": {"shapes": {}}, "skipped": {}}
+    (tmp_path / "trainer_state.json").write_text(
+        json.dumps({"step": 4, "skipped_steps": 0, "world_size": 1, "ranks": [rank]}))
+    torch.save({"step": 0}, tmp_path / "random_states_0.pkl")  # load_checkpoint checks that it loads
     accelerator = StubAccelerator(DistributedType[kind])
     state, mine = load_checkpoint(accelerator, tmp_path)
-    assert (state["step"], mine, accelerator.load_kwargs) == (4, {"x": 1}, kwargs)
+    assert (state["step"], mine, accelerator.load_kwargs) == (4, rank, kwargs)
 
 # ---------------------------------------------------------------------------------------------- processes
 def train_here(config, *overrides):

@@ -9,12 +9,15 @@ Usage::
 
 Overrides are parsed as YAML values: ``run.max_steps=200 optim.lr=3e-4 data.0.batch_size=4 data.laion.loss_weight=0.2``.
 The whole config, data paths included, is checked before anything loads; a bad one ends with one line naming the file
-and field, and exit code 2.
+and field, and exit code 2, as do an output folder that cannot be written or that another run holds, and a
+checkpoint named in --resume that does not load. A run that stops because it does not train (every step, or
+run.max_consecutive_skipped_steps in a row, skipped) or because the disk is full ends with one line and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -74,18 +77,32 @@ def main(argv: list[str] | None = None) -> None:
         overrides.append("run.strict=true")
     try:
         config = load_config(args.config, overrides=overrides, check_paths=True)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        # Imported here, once the config is known to be good: the loop imports torch, transformers and accelerate
-        # (seconds), and `--help` or a config error answers before any of them (tests/test_startup.py).
-        from flamingo_train.train import train
-
-        result = train(config)
     except ValueError as error:
-        # Bad inputs (a config typo, a missing data file, a bad record with --strict) end with one readable line
-        # naming the file and field, and exit code 2, as flamingo-eval's do.
-        print(f"flamingo-train: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
+        fail(error, code=2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Imported here, once the config is known to be good: the loop imports torch, transformers and accelerate
+    # (seconds), and `--help` or a config error answers before any of them (tests/test_startup.py).
+    from flamingo_train import train as loop
+
+    try:
+        result = loop.train(config)
+    except ValueError as error:
+        # Bad inputs (a config typo, a missing data file, a bad record with --strict, a broken checkpoint, a locked
+        # output folder) end with one readable line naming the file and field, and exit code 2, as flamingo-eval's do.
+        fail(error, code=2)
+    except loop.TrainingStopped as error:
+        fail(error, code=1)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        fail(error, code=1)
     print(f"final model: {result.final_dir}")
+
+
+def fail(error: Exception, *, code: int) -> None:
+    """End with one line on stderr (the error's message, whitespace joined) and exit code ``code``."""
+    print(f"flamingo-train: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

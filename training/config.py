@@ -7,7 +7,9 @@ Example::
 
 Each section is a dataclass, built by ``flamingo.typed_config``: a typo in a YAML key is a ValueError naming the file
 and the field, with the closest known one (``tiny_cpu.yaml: run.log_evry: unknown field; did you mean log_every?
-...``), not a silently ignored setting. Values are checked across fields too (optimiser values included), and with
+...``), not a silently ignored setting. Every number must be finite and in its field's range (:data:`NUMBER_RANGES`:
+``tiny_cpu.yaml: run.max_grad_norm: must be a finite number > 0 (null: no clipping), got -1.0.``), values are checked
+across fields too, and with
 ``check_paths=True`` the data paths (every file or glob exists, of a kind its format reads), so a bad config fails
 before any model loads. A ``data`` entry is addressed in overrides by its index or its ``name``
 (``data.coco.loss_weight=2``).
@@ -32,9 +34,9 @@ from flamingo_train.data.config import DataConfig
 from flamingo_train.data.paths import check_paths as check_dataset_paths
 
 __all__ = [
-    "InLoopEvalConfig", "ModelConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "TrainConfig", "apply_override",
-    "check_data_paths", "config_from_dict", "eval_metric_key", "eval_metric_keys", "load_config", "validate",
-    "validate_eval",
+    "NUMBER_RANGES", "InLoopEvalConfig", "ModelConfig", "OptimConfig", "Range", "RunConfig", "ScheduleConfig",
+    "TrainConfig", "apply_override", "check_data_paths", "check_numbers", "config_from_dict", "eval_metric_key",
+    "eval_metric_keys", "load_config", "validate", "validate_eval",
 ]
 
 
@@ -102,6 +104,8 @@ class RunConfig:
     strict: bool = False  # a bad record raises instead of being skipped and counted
     report_to: str | None = "all"  # accelerate trackers: "all" (those installed), "tensorboard", "wandb", None
     resume: str | None = None  # "auto" (latest complete checkpoint in output_dir, if any) | a checkpoint dir | None
+    # This many steps in a row skipped (a non-finite loss or gradient) end the run with an error: it has diverged.
+    max_consecutive_skipped_steps: int = 20
     # Export output_dir/final with copies of the backbones (self-contained) instead of references to them.
     export_backbones: bool = False
 
@@ -164,6 +168,92 @@ class TrainConfig:
         return to_plain(self)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field accepts: finite ones from ``low`` to ``high``; ``open_low``/``open_high`` leave that end out.
+    ``null`` says what None means, where the field's type allows it."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    null: str = ""
+
+    def admits(self, value: float) -> bool:
+        return (
+            (isinstance(value, int) or math.isfinite(value))  # an int is finite, and may be too big for a float
+            and (value > self.low if self.open_low else value >= self.low)
+            and (value < self.high if self.open_high else value <= self.high)
+        )
+
+    def __str__(self) -> str:
+        low, high = (int(x) if float(x).is_integer() else x for x in (self.low, self.high))
+        if self.high == math.inf:
+            text = f"a finite number {'>' if self.open_low else '>='} {low}"
+        else:
+            text = f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+        return f"{text} (null: {self.null})" if self.null else text
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, open_low=True), Range(0), Range(1)
+SEED = Range(0, 2**32 - 1)  # numpy's seed range (accelerate's set_seed seeds numpy too)
+
+# Every number of the training config, by its dotted path: a list's items and a mapping's values each (betas[1],
+# aux_loss_weights.<name>). NaN and infinities are refused everywhere: a NaN max_grad_norm or lr would fill the
+# weights with NaN, and a negative max_grad_norm flips the gradient. tests/test_hostile_training.py checks that every
+# numeric field of the sections is here. (DataConfig checks its own numbers.)
+NUMBER_RANGES: dict[str, Range] = {
+    "model.vision_feature_stage": Range(1, 4, null="the last"),
+    "model.cross_attn_every_n_layers": AT_LEAST_1,
+    "optim.lr": POSITIVE,
+    "optim.weight_decay": AT_LEAST_0,
+    "optim.betas": Range(0, 1, open_high=True),
+    "optim.eps": POSITIVE,
+    "optim.aux_loss_weights": AT_LEAST_0,  # 0: logged, not trained on
+    "schedule.warmup_steps": AT_LEAST_0,
+    "schedule.min_lr_ratio": Range(0, 1),
+    "run.max_steps": AT_LEAST_1,
+    "run.grad_accum_steps": AT_LEAST_1,
+    "run.max_grad_norm": Range(0, open_low=True, null="no clipping"),
+    "run.save_every": AT_LEAST_0,  # 0: no checkpoints
+    "run.keep_last": AT_LEAST_1,
+    "run.log_every": AT_LEAST_1,
+    "run.seed": SEED,
+    "run.max_consecutive_skipped_steps": AT_LEAST_1,
+    "eval.every": AT_LEAST_0,  # 0: only after the last step
+    "eval.shots": AT_LEAST_0,
+    "eval.seeds": SEED,
+    "eval.query_set_size": AT_LEAST_1,
+    "eval.num_samples": Range(1, null="every query"),
+    "eval.batch_size": AT_LEAST_1,
+    "eval.class_batch_size": AT_LEAST_1,
+    # flamingo-eval reads 0 as "the task's own setting"; in a config file that is null, so 0 is a typo here.
+    "eval.num_beams": Range(1, null="the task's own"),
+    "eval.max_new_tokens": Range(1, null="the task's own"),
+    "eval.zero_shot_text_demos": Range(0, null="the task's own"),
+}
+
+
+def check_numbers(config: TrainConfig, *, where: str = "config") -> None:
+    """Every number of ``config`` is finite and in its field's range (:data:`NUMBER_RANGES`); else a ValueError naming
+    ``where``, the field and the range. The types are already checked (a bool or a string is no number there)."""
+    for path, allowed in NUMBER_RANGES.items():
+        section, name = path.split(".")
+        owner = getattr(config, section)
+        if owner is None:  # no eval section
+            continue
+        value = getattr(owner, name)
+        if isinstance(value, list):
+            items = {f"{path}[{i}]": item for i, item in enumerate(value)}
+        elif isinstance(value, dict):
+            items = {f"{path}.{key}": item for key, item in value.items()}
+        else:
+            items = {path: value}
+        for field_path, item in items.items():
+            if item is not None and not allowed.admits(item):
+                raise ValueError(f"{where}: {field_path}: must be {allowed}, got {item!r}.")
+
+
 def load_config(path: str | Path, *, overrides: list[str] = (), check_paths: bool = False) -> TrainConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides (values parsed as YAML), build and validate it; with
     ``check_paths`` also check that its data files exist (:func:`check_data_paths`)."""
@@ -206,28 +296,11 @@ def validate(config: TrainConfig, *, where: str = "config") -> None:
                          f"{model.lang_model_dtype!r}.")
     if schedule.kind not in ("cosine", "linear", "constant"):
         raise ValueError(f"{where}: schedule.kind: must be cosine, linear or constant, got {schedule.kind!r}.")
-    if not 0.0 <= schedule.min_lr_ratio <= 1.0:
-        raise ValueError(f"{where}: schedule.min_lr_ratio: must be in [0, 1], got {schedule.min_lr_ratio}.")
-    if schedule.warmup_steps < 0:
-        raise ValueError(f"{where}: schedule.warmup_steps: must be >= 0, got {schedule.warmup_steps}.")
-    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+    if len(optim.betas) != 2:
         raise ValueError(f"{where}: optim.betas: must be two numbers in [0, 1), got {optim.betas}.")
-    # Checked here rather than by torch's AdamW, which would only complain after the model has loaded.
-    if not (optim.lr > 0 and math.isfinite(optim.lr)):
-        raise ValueError(f"{where}: optim.lr: must be a finite number > 0, got {optim.lr}.")
-    if not (optim.weight_decay >= 0 and math.isfinite(optim.weight_decay)):
-        raise ValueError(f"{where}: optim.weight_decay: must be a finite number >= 0, got {optim.weight_decay}.")
-    if not (optim.eps > 0 and math.isfinite(optim.eps)):
-        raise ValueError(f"{where}: optim.eps: must be a finite number > 0, got {optim.eps}.")
-    for name, weight in optim.aux_loss_weights.items():
-        if not (weight >= 0 and math.isfinite(weight)):
-            raise ValueError(f"{where}: optim.aux_loss_weights.{name}: must be a finite number >= 0, got {weight}.")
-    for name in ("max_steps", "grad_accum_steps", "log_every", "keep_last"):
-        if getattr(run, name) < 1:
-            raise ValueError(f"{where}: run.{name}: must be >= 1, got {getattr(run, name)}.")
-    if run.save_every < 0:
-        raise ValueError(f"{where}: run.save_every: must be >= 0 (0: no intermediate checkpoints), got "
-                         f"{run.save_every}.")
+    # Checked here rather than by torch's AdamW, which would only complain after the model has loaded, and would
+    # accept a NaN anyway.
+    check_numbers(config, where=where)
     if run.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"{where}: run.mixed_precision: must be no, fp16 or bf16, got {run.mixed_precision!r}.")
     if not config.data:  # each entry's own values are checked by DataConfig
@@ -270,17 +343,11 @@ def validate_eval(config: InLoopEvalConfig, *, where: str = "config") -> None:
                              f"{config.custom_kind!r}.")
     if len(set(config.tasks)) != len(config.tasks):
         raise ValueError(f"{where}: eval.tasks: lists a task twice: {config.tasks}.")
-    if config.every < 0:
-        raise ValueError(f"{where}: eval.every: must be >= 0 (0: only after the last step), got {config.every}.")
+    # The ranges of every number (every, shots, seeds, num_beams, ...) are checked with the other sections'.
     if not config.shots or len(set(config.shots)) != len(config.shots):
         raise ValueError(f"{where}: eval.shots: must be distinct numbers >= 0, got {config.shots}.")
     if not config.seeds or len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"{where}: eval.seeds: must be distinct numbers, got {config.seeds}.")
-    # flamingo-eval reads 0 as "the task's own setting"; in a config file that is null, so 0 is a typo here.
-    for name in ("num_beams", "max_new_tokens"):
-        value = getattr(config, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{where}: eval.{name}: must be >= 1 (null: the task's own), got {value}.")
     if config.data_dir is None:
         raise ValueError(f"{where}: eval.data_dir: required (a folder in flamingo-eval's --data-dir layout).")
     if not Path(config.data_dir).is_dir():

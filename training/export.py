@@ -13,7 +13,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from flamingo.io import atomic_write_text
+from flamingo.io import atomic_write_text, naming_a_full_disk
 
 
 def save_model_dir(accelerator: Accelerator, model, processor, directory: str | Path, *, save_backbones: bool) -> None:
@@ -41,10 +41,12 @@ def replace_model_dir(
     if accelerator.is_main_process and tmp.exists():  # left by a killed run
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    save_model_dir(accelerator, model, processor, tmp, save_backbones=save_backbones)
+    with naming_a_full_disk(directory.parent, f"the model {directory.name}/"):
+        save_model_dir(accelerator, model, processor, tmp, save_backbones=save_backbones)
+        if accelerator.is_main_process:
+            for name, content in (json_files or {}).items():
+                atomic_write_text(tmp / name, json.dumps(content, indent=1, sort_keys=True) + "\n")
     if accelerator.is_main_process:
-        for name, content in (json_files or {}).items():
-            atomic_write_text(tmp / name, json.dumps(content, indent=1, sort_keys=True) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)

@@ -42,7 +42,7 @@ def check_eval_data(config: InLoopEvalConfig) -> None:
     for task in config.tasks:
         try:
             load_task_data(task, data_dir=Path(config.data_dir), paths=config.paths.get(task),
-                           custom_kind=config.custom_kind)
+                           custom_kind=config.custom_kind, allow_outside_paths=config.allow_outside_paths)
         except ValueError as error:
             raise ValueError(f"eval.data_dir {config.data_dir}: task {task!r}: {error}") from error
 

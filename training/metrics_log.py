@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from flamingo.io import atomic_write_text
+from flamingo.io import atomic_write_text, naming_a_full_disk
 from flamingo_train.plot import plot_metrics
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ class StepStats:
     counts: torch.Tensor  # (datasets,) label tokens
     aux: dict[str, torch.Tensor]  # auxiliary loss name -> its mean over the step's forwards, unweighted
     stats: dict[str, torch.Tensor]  # statistic name -> its mean over the step's forwards
-    trained: bool  # False: a loss was non-finite on some process, and no process updated the weights
-    grad_norm: torch.Tensor | None  # before clipping; None when not clipped or not trained
+    trained: bool  # False: a loss (on some process) or the gradient norm was non-finite; no process updated weights
+    grad_norm: torch.Tensor | None  # before clipping; None when not trained (or under DeepSpeed, which clips itself)
     lr: float  # the learning rate this step used
 
 
@@ -116,7 +116,7 @@ def log_metrics(accelerator: Accelerator, output_dir: Path, metrics: dict) -> No
     """One line of metrics.jsonl, and the same values to the trackers (main process only)."""
     if accelerator.is_main_process:
         accelerator.log(metrics, step=metrics["step"])
-        with open(output_dir / METRICS, "a") as f:
+        with naming_a_full_disk(output_dir, METRICS), open(output_dir / METRICS, "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
 
@@ -134,7 +134,8 @@ def truncate_metrics(path: Path, *, after_step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if _logged_step(line) <= after_step]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    with naming_a_full_disk(path.parent, path.name):
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _logged_step(line: str) -> float:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -67,16 +68,18 @@ def write_task(root: str | Path, *, num_train: int = 1000, num_test: int = 200) 
 
 def with_shuffled_images(task: str | Path, out: str | Path, *, seed: int = 0) -> Path:
     """A copy of ``task``'s custom VQA layout whose test questions carry another test question's image (a fixed
-    permutation): what is left of the accuracy there is what the model gets without the right image."""
-    task, out = Path(task).resolve(), Path(out)
-    records = read_jsonl(task / "test.jsonl")
-    images = [str(task / record["image"]) for record in records]
+    permutation): what is left of the accuracy there is what the model gets without the right image. The images are
+    copied into ``out`` (an evaluation reads only images inside its data folder)."""
+    task, out = Path(task), Path(out)
+    train, test = read_jsonl(task / "train.jsonl"), read_jsonl(task / "test.jsonl")
+    for relative in {record["image"] for record in train + test}:
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(task / relative, out / relative)
+    images = [record["image"] for record in test]
     random.Random(seed).shuffle(images)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "test.jsonl", "".join(json.dumps({**record, "image": image}) + "\n"
-                                                  for record, image in zip(records, images)))
-    atomic_write_text(out / "train.jsonl", "".join(json.dumps({**record, "image": str(task / record["image"])}) + "\n"
-                                                   for record in read_jsonl(task / "train.jsonl")))
+                                                  for record, image in zip(test, images)))
+    atomic_write_text(out / "train.jsonl", "".join(json.dumps(record) + "\n" for record in train))
     return out
 
 

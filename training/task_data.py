@@ -138,9 +138,11 @@ def task_records(spec: TaskSpec, examples: Sequence, *, shots: Sequence[int], se
             yield {**record, "id": str(example.id), "shots": k}
 
 
-def data_config_entry(spec: TaskSpec, output: Path, *, name: str, shots: Sequence[int]) -> dict:
-    """The ``data:`` entry of a training config that reads ``output`` as the evaluation lays it out."""
-    return {
+def data_config_entry(spec: TaskSpec, output: Path, *, name: str, shots: Sequence[int],
+                      image_root: Path | None = None) -> dict:
+    """The ``data:`` entry of a training config that reads ``output`` as the evaluation lays it out; ``image_root``
+    when the images are not inside ``output``'s folder."""
+    entry = {
         "name": name,
         "path": str(Path(output).resolve()),
         "format": "simple",
@@ -148,6 +150,9 @@ def data_config_entry(spec: TaskSpec, output: Path, *, name: str, shots: Sequenc
         "answer_markers": [answer_marker(spec)],
         "max_images": max(1, max(shots) + 1),  # every demo image and the query's
     }
+    if image_root is not None:
+        entry["image_root"] = str(image_root)
+    return entry
 
 
 def write_task_records(
@@ -182,16 +187,16 @@ def write_task_records(
             raise ValueError(f"--zero-shot-text-demos must be >= 0, got {zero_shot_text_demos}.")
         spec = replace(spec, zero_shot_text_demos=zero_shot_text_demos)
     examples = getattr(data, SPLITS[split])
+    # Training confines image paths to the data root (flamingo.file_access.confined_path): the output's folder when
+    # every image is inside it, else the images' common folder, which the data entry names as image_root.
     folder = output.resolve().parent
+    images = {Path(example.image).resolve() for example in examples}
+    image_root = None if all(folder in image.parents for image in images) else Path(
+        os.path.commonpath([str(image.parent) for image in images]))
 
     def image_path(image) -> str:
         image = Path(image).resolve()
-        if absolute_paths:
-            return str(image)
-        try:
-            return os.path.relpath(image, folder)
-        except ValueError:  # another drive (Windows): no relative path exists
-            return str(image)
+        return str(image) if absolute_paths else os.path.relpath(image, image_root or folder)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(output.name + ".tmp")
@@ -209,7 +214,7 @@ def write_task_records(
 
     label = get_task(task, custom_kind=custom_kind).label
     name = task if custom_kind is None or not custom_kinds(task) else f"{task}-{custom_kind}"
-    entry = data_config_entry(spec, output, name=name, shots=shots)
+    entry = data_config_entry(spec, output, name=name, shots=shots, image_root=image_root)
     header = (
         f"# flamingo-train data entry for {output.name}: {count} records of {label} ({split} split) at shots "
         f"{','.join(map(str, shots))}, seed {seed},\n# written by flamingo_train.task_data. Paste it under `data:`. "

@@ -23,7 +23,12 @@ A model may also report auxiliary losses (``FlamingoOutput.aux_losses``, e.g. a 
 each joins the objective as its mean over the step's forwards (one per dataset per micro-batch; a forward that does
 not report it adds 0) times its weight in ``optim.aux_loss_weights`` (0: logged, not trained on). No world-size
 factor: DDP's gradient mean over processes already makes it the mean over all of them. A reported loss without a
-weight is an error at the first step. A non-finite loss of either kind skips the step on every process.
+weight is an error at the first step. A non-finite loss of either kind, or a non-finite gradient norm, skips the
+step on every process. A run that skips ``run.max_consecutive_skipped_steps`` steps in a row has diverged: it stops
+with an error (:class:`TrainingStopped`), as does a run none of whose steps trained; neither exports a model.
+
+The main process holds ``output_dir/.lock`` for the whole run, so a second run on the same folder stops at once
+(checkpoint.py). ``--resume auto`` skips a checkpoint that does not load (naming the file) for the one before it.
 
 Writes into ``run.output_dir``: ``metrics.jsonl`` (one line per logged step, see metrics_log.py; ``aux/<name>`` and
 ``stats/<name>`` when the model reports them), ``checkpoints/step-N/`` every ``save_every`` steps (see checkpoint.py;
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -57,11 +63,11 @@ from tqdm.auto import tqdm
 
 import flamingo
 from flamingo.configuration import torch_dtype
-from flamingo.io import atomic_write_text
+from flamingo.io import atomic_write_text, naming_a_full_disk
 from flamingo_train.checkpoint import (
+    hold_output_dir,
     keep_only_trainable_weights,
-    load_checkpoint,
-    resolve_resume,
+    load_latest_checkpoint,
     save_checkpoint,
     set_aside_later_checkpoints,
 )
@@ -84,6 +90,13 @@ from flamingo_train.optim import build_optimizer, build_scheduler
 logger = logging.getLogger(__name__)
 
 FINAL = "final"
+NONFINITE_LOSS = "the loss was not finite (NaN or inf)"
+NONFINITE_GRADIENT = "the gradient norm was not finite (NaN or inf)"
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before its last step because it was not training: every step, or too many in a row, skipped.
+    ``flamingo-train`` prints the message as one line and exits with code 1."""
 
 
 @dataclass
@@ -101,7 +114,9 @@ class Run:
     positions: dict[str, PositionTracker]  # per dataset: where this process's data continues after a resume
     skipped: dict[str, Counter]  # per dataset: bad records this process skipped, by reason
     step: int = 0  # optimiser steps done, skipped ones included
-    skipped_steps: int = 0  # steps whose update was skipped (a non-finite loss)
+    skipped_steps: int = 0  # steps whose update was skipped (a non-finite loss or gradient norm)
+    skipped_in_a_row: int = 0  # the latest steps, all skipped (since this process started)
+    skip_reasons: Counter = field(default_factory=Counter)  # why this process's steps were skipped, with counts
     iterators: dict[str, Iterator[dict]] = field(default_factory=dict)  # per dataset: its endless batches
     window: Window | None = None  # the sums since the last metrics line
     bar: tqdm | None = None
@@ -125,26 +140,30 @@ class TrainResult:
 
 def train(config: TrainConfig) -> TrainResult:
     """Train, checkpoint, and export to ``output_dir/final``."""
-    run = set_up(config)
-    resume(run)
-    start(run)
-    if run.in_loop_eval is not None and run.step == 0 and config.eval.every > 0:
-        evaluate(run)  # the starting point of the eval curve: the model before any step
-    while run.step < config.run.max_steps:
-        micro_batches = draw_batch(run)
-        step_stats = optimizer_step(run, micro_batches)
-        log_step(run, step_stats, micro_batches)
-        # Before the checkpoint, so that a checkpoint at this step includes this evaluation's best score.
-        if run.in_loop_eval is not None and run.in_loop_eval.due(run.step, config.run.max_steps):
-            evaluate(run)
-        checkpoint(run)
-    return export(run)
+    accelerator = make_accelerator(config)
+    with hold_output_dir(config.run.output_dir, main_process=accelerator.is_main_process):  # one run per folder
+        run = set_up(config, accelerator)
+        resume(run)
+        start(run)
+        with run.bar:  # closed however the loop ends, so that an error's message starts a line of its own
+            if run.in_loop_eval is not None and run.step == 0 and config.eval.every > 0:
+                evaluate(run)  # the starting point of the eval curve: the model before any step
+            while run.step < config.run.max_steps:
+                micro_batches = draw_batch(run)
+                step_stats = optimizer_step(run, micro_batches)
+                log_step(run, step_stats, micro_batches)
+                stop_if_not_training(run)
+                # Before the checkpoint, so that a checkpoint at this step includes this evaluation's best score.
+                if run.in_loop_eval is not None and run.in_loop_eval.due(run.step, config.run.max_steps):
+                    evaluate(run)
+                checkpoint(run)
+        return export(run)
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def set_up(config: TrainConfig) -> Run:
-    """The accelerator, the seed, the in-loop eval, the model, AdamW and its schedule, prepared by accelerate."""
-    # A config built in Python skipped load_config's checks; a typo must fail before the model downloads and loads.
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The config checked (again: one built in Python skipped load_config's checks, and a typo must fail before the
+    model downloads and loads), then the accelerator."""
     validate(config)
     check_data_paths(config)
     settings = config.run
@@ -163,6 +182,12 @@ def set_up(config: TrainConfig) -> Run:
     if accelerator.distributed_type == DistributedType.DEEPSPEED and settings.grad_accum_steps > 1:
         # DeepSpeed steps inside accelerator.backward; our per-step token normalisation needs one backward per step.
         raise ValueError("run.grad_accum_steps > 1 is not supported with DeepSpeed; raise data batch_size instead.")
+    return accelerator
+
+
+def set_up(config: TrainConfig, accelerator: Accelerator) -> Run:
+    """The seed, the in-loop eval, the model, AdamW and its schedule, prepared by accelerate."""
+    settings = config.run
     set_seed(settings.seed)  # identical fresh Flamingo weights on every process
     in_loop_eval = None
     if config.eval is not None:  # its data is read before the model loads: a bad file fails in seconds
@@ -198,8 +223,9 @@ def load_model(config: ModelConfig) -> tuple[flamingo.Flamingo, flamingo.Flaming
     if config.pretrained is not None:
         # A self-contained dir's backbones are then named by absolute path (flamingo.backbones), so the export in
         # output_dir/final refers to the same backbones instead of copying them (see run.export_backbones).
-        model = flamingo.Flamingo.from_pretrained(config.pretrained, dtype=dtype)
-        return model, flamingo.FlamingoProcessor.from_pretrained(config.pretrained)
+        trust = config.trust_remote_code  # the config's setting, never the saved model's
+        model = flamingo.Flamingo.from_pretrained(config.pretrained, dtype=dtype, trust_remote_code=trust)
+        return model, flamingo.FlamingoProcessor.from_pretrained(config.pretrained, trust_remote_code=trust)
     return flamingo.create_model_and_processor(
         vision_model=config.vision_model,
         vision_pretrained=config.vision_pretrained,
@@ -219,9 +245,10 @@ def resume(run: Run) -> None:
     then counters and data positions. metrics.jsonl then forgets the steps after it, and the checkpoints after it
     (they continue the run from before this resume) are set aside."""
     accelerator, output_dir = run.accelerator, run.output_dir
-    resume_from = resolve_resume(run.config.run.resume, output_dir)
-    if resume_from is not None:
-        state, mine = load_checkpoint(accelerator, resume_from)
+    loaded = load_latest_checkpoint(accelerator, run.config.run.resume, output_dir, say=accelerator.print)
+    resume_from = None
+    if loaded is not None:
+        resume_from, state, mine = loaded
         run.step, run.skipped_steps = state["step"], state["skipped_steps"]
         if run.in_loop_eval is not None:
             run.in_loop_eval.load_state_dict(state.get("eval", {}))
@@ -276,8 +303,9 @@ def draw_batch(run: Run) -> list[list[dict]]:
 
 
 def optimizer_step(run: Run, micro_batches: list[list[dict]]) -> StepStats:
-    """Forward and backward every micro-batch, then one AdamW step; a non-finite loss on any process skips the
-    update on every process. The LR schedule advances either way, so the LR stays a function of the step number."""
+    """Forward and backward every micro-batch, then one AdamW step; a non-finite loss on any process, or a non-finite
+    gradient norm, skips the update on every process. The LR schedule advances either way, so the LR stays a function
+    of the step number."""
     accelerator, model, world = run.accelerator, run.model, run.accelerator.num_processes
     no_sync_allowed = accelerator.distributed_type != DistributedType.DEEPSPEED  # ZeRO>=2 forbids no_sync
     counts = torch.tensor(
@@ -313,19 +341,29 @@ def optimizer_step(run: Run, micro_batches: list[list[dict]]) -> StepStats:
                 continue
             accelerator.backward(loss)
             loss_sums += sums.detach()
-    grad_norm = None
-    if nonfinite_step:
-        run.skipped_steps += 1
-    else:
-        if run.config.run.max_grad_norm:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.config.run.max_grad_norm)
+    grad_norm, skip_reason = None, NONFINITE_LOSS if nonfinite_step else None
+    if skip_reason is None:
+        # Measured even without clipping (max norm inf: every gradient times exactly 1): a finite loss can still have
+        # a NaN gradient, and one AdamW step on it fills the weights with NaN. The norm of the whole model's gradient,
+        # the same on every process. Not ours to skip under fp16, whose grad scaler skips such steps itself (and
+        # must see them to lower its scale), nor under DeepSpeed, which stepped inside backward.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.config.run.max_grad_norm or math.inf)
+        ours = accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
+        if ours and grad_norm is not None and not torch.isfinite(grad_norm):
+            skip_reason, grad_norm = NONFINITE_GRADIENT, None
+    if skip_reason is None:
         run.optimizer.step()
+        run.skipped_in_a_row = 0
+    else:
+        run.skipped_steps += 1
+        run.skipped_in_a_row += 1
+        run.skip_reasons[skip_reason] += 1
     run.optimizer.zero_grad(set_to_none=True)
     lr = run.scheduler.get_last_lr()[0]  # the LR this step used
     run.scheduler.step()
     run.step += 1
     return StepStats(
-        loss_sums=loss_sums, counts=counts, trained=not nonfinite_step, grad_norm=grad_norm, lr=lr,
+        loss_sums=loss_sums, counts=counts, trained=skip_reason is None, grad_norm=grad_norm, lr=lr,
         aux={name: total / forwards for name, total in aux_sums.items()},
         stats={name: total / forwards for name, total in stat_sums.items()},
     )
@@ -393,6 +431,29 @@ def log_step(run: Run, step_stats: StepStats, micro_batches: list[list[dict]]) -
     run.bar.update(1)
 
 
+def stop_if_not_training(run: Run) -> None:
+    """Stop the run with :class:`TrainingStopped` when ``run.max_consecutive_skipped_steps`` steps in a row were
+    skipped (it has diverged, and every further step would be skipped too), or at the last step when no step of the
+    run trained: a model that never changed must not be exported as a trained one. Every process decides the same:
+    the skips were decided together."""
+    settings = run.config.run
+    reasons = "; ".join(f"{reason} at {n} step{'s' if n > 1 else ''}" for reason, n in run.skip_reasons.items())
+    if run.step == settings.max_steps and run.skipped_steps == run.step:
+        raise TrainingStopped(
+            f"all {run.step} steps were skipped ({reasons}), so the model did not train and {run.output_dir / FINAL} "
+            "was not written. Check the data and the settings that scale the update (optim.lr, run.max_grad_norm, "
+            "run.mixed_precision)."
+        )
+    if run.skipped_in_a_row >= settings.max_consecutive_skipped_steps:
+        last_trained = run.step - run.skipped_in_a_row
+        raise TrainingStopped(
+            f"stopped at step {run.step}: the last {run.skipped_in_a_row} steps were all skipped "
+            f"(run.max_consecutive_skipped_steps={settings.max_consecutive_skipped_steps}; since this start, "
+            f"{reasons}). The run has diverged, so it was not exported: resume from a checkpoint at or before step "
+            f"{last_trained} with a lower optim.lr, or check the data."
+        )
+
+
 def evaluate(run: Run) -> None:
     """Score the model on the in-loop eval tasks: a metrics line, and the scores on the progress bar."""
     scores = run.in_loop_eval.run(run.accelerator, run.model, run.processor, step=run.step)
@@ -425,12 +486,12 @@ def checkpoint(run: Run) -> None:
 def export(run: Run) -> TrainResult:
     """``final/``: the trainable weights with references to the backbones (or copies), and the processor; then
     ``train_config.json`` and ``metrics.png``."""
-    run.bar.close()
     accelerator, output_dir = run.accelerator, run.output_dir
     final = output_dir / FINAL
     replace_model_dir(accelerator, run.model, run.processor, final, save_backbones=run.config.run.export_backbones)
     if accelerator.is_main_process:
-        atomic_write_text(output_dir / "train_config.json", json.dumps(run.config.to_dict(), indent=2) + "\n")
+        with naming_a_full_disk(output_dir, "train_config.json"):
+            atomic_write_text(output_dir / "train_config.json", json.dumps(run.config.to_dict(), indent=2) + "\n")
         plot_run(output_dir)
     accelerator.end_training()
     return TrainResult(final_dir=final, model=accelerator.unwrap_model(run.model))

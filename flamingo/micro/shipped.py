@@ -13,6 +13,7 @@ synthetic world of :mod:`flamingo.micro.world`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 MICRO_MODEL_NAME = "micro"
@@ -36,15 +37,23 @@ REBUILD = (
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """The folder a model name or path means.
 
-    An existing local directory always wins, as in Hugging Face's ``from_pretrained``: a folder called ``micro`` in
-    the working directory is loaded, not the shipped model. Otherwise ``"micro"`` means ``MICRO_MODEL_DIR``, and any
-    other name is returned as a path unchanged (the loaders then say what is missing there).
+    ``"micro"`` is a reserved name: it always means the shipped model (``MICRO_MODEL_DIR``), never a folder of that
+    name in the working directory, so that a planted folder cannot stand in for it (and run its code). Such a folder
+    is still loaded when named as a path, ``"./micro"``; while it exists, loading ``"micro"`` warns which one it took.
+    Any other name is returned as a path unchanged (the loaders then say what is missing there).
 
     Raises FileNotFoundError naming the missing files, and how to rebuild them, if the shipped model is incomplete.
     """
-    path = Path(name_or_path)
-    if path.is_dir() or str(name_or_path) != MICRO_MODEL_NAME:
-        return path
+    if str(name_or_path) != MICRO_MODEL_NAME:
+        return Path(name_or_path)
+    if Path(MICRO_MODEL_NAME).is_dir():
+        warnings.warn(
+            f"A folder named {MICRO_MODEL_NAME!r} exists in the working directory ({Path.cwd()}); "
+            f"{MICRO_MODEL_NAME!r} means the shipped micro model, so that folder is not loaded. "
+            f"To load it, name it as a path: './{MICRO_MODEL_NAME}'.",
+            UserWarning,
+            stacklevel=3,
+        )
     directory = MICRO_MODEL_DIR  # read at call time, so tests can point it elsewhere
     missing = [name for name in MICRO_MODEL_FILES if not (directory / name).is_file()]
     if missing:
@@ -53,3 +62,8 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
             f"or rebuild the model: {REBUILD.format(directory=directory)}."
         )
     return directory
+
+
+def is_shipped_model(directory: Path) -> bool:
+    """Whether ``directory`` is the shipped micro model's folder."""
+    return Path(directory).resolve() == MICRO_MODEL_DIR.resolve()

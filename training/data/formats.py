@@ -10,7 +10,17 @@ Three layouts are read from files (``.jsonl``, ``.json``, ``.parquet``, ``.arrow
 * ``pairs``: ``{"image": "a.jpg", "caption": "a cat on a sofa"}``.
 
 An image is a path (relative paths resolve against ``image_root``, by default the data file's folder), raw bytes,
-or a ``datasets`` Image value (``{"bytes": ..., "path": ...}``).
+or a ``datasets`` Image value (``{"bytes": ..., "path": ...}``). A path must stay inside that root, symlinks followed
+(:func:`flamingo.file_access.confined_path`): ``../``, an absolute path elsewhere, or a symlink out of it is a bad
+record (``outside_data_root``) unless ``allow_outside`` (``DataConfig.allow_outside_paths``).
+
+Bounded work: with ``max_images``, a record's images after the first ``max_images`` are neither resolved nor
+checked; the document is cut before the next image (``Document.complete`` False, so no eos follows), which is what
+the layout's truncation would make of it (:mod:`flamingo_train.data.samples`, rule 1). A record with a million
+images costs what one with ``max_images + 1`` does.
+
+A JSON Lines record arrives as the line's bytes and must be UTF-8 (``not_utf8`` otherwise); a UTF-8 byte-order mark
+is dropped.
 
 ``webdataset`` records come from ``.tar`` shards whose members are grouped by key (the member name up to its first
 dot, as in WebDataset): ``KEY.jpg`` (or ``.jpeg``/``.png``/``.webp``) + ``KEY.txt`` is an image-text pair (a
@@ -35,8 +45,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from flamingo.file_access import OutsideDataRoot, confined_path
 from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -55,12 +66,14 @@ class Document:
     """``prefix`` text, then for each image the text that follows it. Images are still undecoded references.
 
     ``separators[k]`` is the text laid out after chunk ``k``'s ``<|endofchunk|>`` (see the module docstring); a
-    missing entry is "" (no separator), so ``Document(prefix, chunks)`` is a document without any.
+    missing entry is "" (no separator), so ``Document(prefix, chunks)`` is a document without any. ``complete`` is
+    False for a document cut after ``max_images`` images: it did not end there, so the layout adds no eos.
     """
 
     prefix: str = ""
     chunks: list[tuple[Any, str]] = field(default_factory=list)
     separators: list[str] = field(default_factory=list)
+    complete: bool = True
 
     @property
     def images(self) -> list[Any]:
@@ -92,8 +105,31 @@ def _require(record: dict, key: str, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
-def _image_ref(value: Any, root: Path | None) -> Any:
-    """A path (resolved against ``root``), bytes, or a PIL image; ``datasets`` Image dicts are unpacked."""
+@dataclass(frozen=True)
+class ImagePaths:
+    """How a record's image paths are read: relative to ``root``, and confined to it unless ``allow_outside``.
+
+    ``root`` None (a record parsed on its own, without a file) reads a path as written. A path that cannot be
+    resolved (a NUL byte, a symlink loop) is a malformed record.
+    """
+
+    root: Path | None = None
+    allow_outside: bool = False
+
+    def __call__(self, value: str) -> str:
+        if self.root is None:
+            return value
+        try:
+            return str(confined_path(value, self.root, allow_outside=self.allow_outside, what="image path"))
+        except OutsideDataRoot as error:
+            raise BadRecord("outside_data_root", str(error)) from None
+        except (OSError, RuntimeError, ValueError) as error:  # a symlink loop, a NUL byte in the name
+            raise BadRecord("malformed_record", f"image path {value[:60]!r} cannot be resolved ({error})") from None
+
+
+def _image_ref(value: Any, paths: Callable[[str], Any]) -> Any:
+    """A path (``paths(value)``: an :class:`ImagePaths`, or a tar sample's member lookup), bytes, or a PIL image;
+    ``datasets`` Image dicts are unpacked."""
     if isinstance(value, dict):  # a datasets Image feature read with decode=False
         if value.get("bytes") is not None:
             return value["bytes"]
@@ -101,29 +137,32 @@ def _image_ref(value: Any, root: Path | None) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str) and value:
-        path = Path(value)
-        return str(path if path.is_absolute() or root is None else root / path)
+        return paths(value)
     if value is not None and hasattr(value, "convert"):  # an already decoded PIL image
         return value
     raise BadRecord("malformed_record", f"image entry {str(value)[:60]!r} is not a path, bytes or an image")
 
 
-def parse_simple(record: dict, root: Path | None) -> Document:
+def parse_simple(record: dict, paths: Callable[[str], Any], max_images: int | None = None) -> Document:
     text = _require(record, "text", str)
     images = _require(record, "images", list) if record.get("images") is not None else []
-    pieces = text.split(MEDIA_TOKEN)
-    if len(pieces) - 1 != len(images):
-        raise BadRecord("image_count_mismatch", f"has {len(pieces) - 1} {MEDIA_TOKEN} token(s) but {len(images)} image(s)")
+    count = text.count(MEDIA_TOKEN)
+    if count != len(images):
+        raise BadRecord("image_count_mismatch", f"has {count} {MEDIA_TOKEN} token(s) but {len(images)} image(s)")
+    cut = max_images is not None and count > max_images
+    # Cut: the prefix, max_images chunk texts, and the rest (from the next <image> on), which is dropped.
+    pieces = text.split(MEDIA_TOKEN, max_images + 1)[:-1] if cut else text.split(MEDIA_TOKEN)
     prefix = pieces[0]
     # The layout adds no <|endofchunk|> to the prefix: text-only demos (a 0-shot prompt) keep theirs and the separator.
     if not (images and prefix.rstrip().endswith(END_OF_CHUNK_TOKEN)):
         prefix = _clean(prefix)
-    chunks = [(_image_ref(im, root), _clean(t)) for im, t in zip(images, pieces[1:])]
-    separators = [_separator(t) for t in pieces[1:-1]] + [""] if chunks else []  # the last chunk is followed by eos
-    return Document(prefix, chunks, separators)
+    chunks = [(_image_ref(im, paths), _clean(t)) for im, t in zip(images, pieces[1:])]
+    # The last chunk of a whole document is followed by eos; that of a cut one by its separator and the next <image>.
+    separators = [_separator(t) for t in pieces[1:]] if cut else [_separator(t) for t in pieces[1:-1]] + [""]
+    return Document(prefix, chunks, separators if chunks else [], complete=not cut)
 
 
-def parse_obelics(record: dict, root: Path | None) -> Document:
+def parse_obelics(record: dict, paths: Callable[[str], Any], max_images: int | None = None) -> Document:
     texts, images = _require(record, "texts", list), _require(record, "images", list)
     if len(texts) != len(images):
         raise BadRecord("malformed_record", f"has {len(texts)} texts but {len(images)} images; the lists must align")
@@ -147,7 +186,10 @@ def parse_obelics(record: dict, root: Path | None) -> Document:
             document.chunks[-1] = (document.chunks[-1][0], close())
         else:
             document.prefix = close()
-        document.chunks.append((_image_ref(image, root), ""))
+        if max_images is not None and len(document.chunks) == max_images:
+            document.complete = False  # image max_images + 1: the layout would cut here; nothing after it is read
+            return document
+        document.chunks.append((_image_ref(image, paths), ""))
     if document.chunks:
         document.chunks[-1] = (document.chunks[-1][0], close())
     else:
@@ -155,18 +197,33 @@ def parse_obelics(record: dict, root: Path | None) -> Document:
     return document
 
 
-def parse_pair(record: dict, root: Path | None) -> Document:
+def parse_pair(record: dict, paths: Callable[[str], Any], max_images: int | None = None) -> Document:
     caption = _require(record, "caption", str)
     if "image" not in record or record["image"] is None:
         raise BadRecord("malformed_record", "has no 'image'")
-    return Document("", [(_image_ref(record["image"], root), _clean(caption))])
+    return Document("", [(_image_ref(record["image"], paths), _clean(caption))])
 
 
 PARSERS = {"simple": parse_simple, "obelics": parse_obelics, "pairs": parse_pair}
 
 
-def parse_record(record: Any, format: str, root: Path | None) -> Document:
-    """One raw record (a dict, or a JSON line as ``str``) of ``format`` -> Document; raises :class:`BadRecord`."""
+def decode_line(line: bytes) -> str:
+    """A JSON Lines line's bytes as text; :class:`BadRecord` ``not_utf8`` naming the first bad byte."""
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        bad = line[error.start : error.start + 4]
+        raise BadRecord("not_utf8", f"is not valid UTF-8 (byte {error.start}: {bad!r}); training data must be "
+                                    "UTF-8") from None
+
+
+def parse_record(record: Any, format: str, root: Path | None, *, allow_outside: bool = False,
+                 max_images: int | None = None) -> Document:
+    """One raw record (a dict, or a JSON line as ``str`` or UTF-8 ``bytes``) of ``format`` -> Document; raises
+    :class:`BadRecord`. Image paths resolve against ``root`` and must stay inside it unless ``allow_outside``;
+    images after the first ``max_images`` are not read (see the module docstring)."""
+    if isinstance(record, bytes):
+        record = decode_line(record)
     if isinstance(record, str):
         try:
             # The first line of a file saved with a UTF-8 byte-order mark (Windows tools) starts with U+FEFF.
@@ -179,11 +236,11 @@ def parse_record(record: Any, format: str, root: Path | None) -> Document:
     if not isinstance(record, dict):
         raise BadRecord("malformed_record", f"is a JSON {type(record).__name__}, not an object")
     if format == "webdataset":
-        return parse_webdataset_sample(record)
-    return PARSERS[format](record, root)
+        return parse_webdataset_sample(record, max_images=max_images)
+    return PARSERS[format](record, ImagePaths(root, allow_outside), max_images)
 
 
-def parse_webdataset_sample(sample: dict[str, Any]) -> Document:
+def parse_webdataset_sample(sample: dict[str, Any], *, max_images: int | None = None) -> Document:
     """``{"__key__": KEY, field: bytes, ...}`` (fields as in ``KEY.field``) -> Document.
 
     An image + ``txt`` sample is a pair even when it also has a ``json`` member (LAION-style shards keep metadata
@@ -207,15 +264,11 @@ def parse_webdataset_sample(sample: dict[str, Any]) -> Document:
     if not isinstance(document, dict):
         raise BadRecord("malformed_record", f"{key}.json is a JSON {type(document).__name__}, not an object")
 
-    def member(name: Any) -> Any:
-        if not isinstance(name, str):
-            return name  # null, or a malformed entry that the layout parser reports
+    def member(name: str) -> bytes:  # an image entry names a member of this sample, never a path
         field_name = name[len(key) + 1 :] if name.startswith(f"{key}.") else name
         if field_name not in sample:
             raise BadRecord("missing_image", f"names image {name!r}, which is not a member of sample {key}")
         return sample[field_name]
 
-    images = document.get("images")
-    if isinstance(images, list):
-        document = {**document, "images": [member(name) for name in images]}
-    return parse_obelics(document, None) if "texts" in document else parse_simple(document, None)
+    parse = parse_obelics if "texts" in document else parse_simple
+    return parse(document, member, max_images)

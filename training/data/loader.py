@@ -11,11 +11,21 @@ Workers. DataLoader worker ``w`` of ``N`` (a "lane") builds the batches of block
 DataLoader takes batches from workers round-robin, so batches arrive in block order. Parsing, tokenisation, image
 decoding and transforms all run in the workers; the main process only receives finished tensors.
 
-Bad records (malformed JSON or record, ``<image>``/image count mismatch, missing or corrupt image, ``empty`` after
-truncation) are left out of their batch and counted by reason in the next batch's ``skipped``; a batch whose
-records are all bad is not emitted, and its worker goes on to its next block. With ``strict=True`` the first bad
-record raises ValueError naming the dataset, file and line/row/key. A worker that finds no usable record in two
-epochs raises ValueError with the skip counts (a wrong ``format`` would otherwise spin forever).
+Bad records are left out of their batch and counted by reason in the next batch's ``skipped``; a batch whose
+records are all bad is not emitted, and its worker goes on to its next block. The reasons: ``not_utf8`` (a JSON
+Lines line that is not UTF-8), ``malformed_json``, ``malformed_record``, ``image_count_mismatch`` (``<image>``
+tokens vs images), ``outside_data_root`` (an image path leading out of the data folder, see
+``DataConfig.allow_outside_paths``), ``missing_image`` (no regular file there: absent, a directory, a FIFO, a
+device), ``image_too_large`` (over ``DataConfig.max_image_pixels``), ``corrupt_image``, and ``empty`` (nothing to
+train after truncation). The first record skipped for each reason is logged (a warning naming the file, the line and
+the image path), once per reason and worker. With ``strict=True`` the first bad record raises ValueError naming
+the dataset, file and line/row/key. A worker that finds no usable record in two epochs raises ValueError with the
+skip counts (a wrong ``format`` would otherwise spin forever).
+
+Work per record is bounded, so one hostile record cannot stall or exhaust a worker: text beyond what ``max_tokens``
+can reach is never tokenized, images after ``max_images`` are never looked at, a path that is no regular file (a
+FIFO, a device) is never read, and an image over ``max_image_pixels`` is never decoded (see :mod:`.samples` and
+:mod:`.formats`).
 
 Split by shards. Streaming from many files (web-scale shards), reading the whole stream in every reader would cost
 ``world_size * num_workers`` times the I/O. With ``split_by="shards"`` (the default ``"auto"`` picks it when there
@@ -41,6 +51,7 @@ Usage::
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from typing import Any, Iterator
@@ -51,9 +62,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from flamingo.processing import FlamingoProcessor
 
 from .config import DataConfig
-from .formats import BadRecord, parse_record
+from .formats import BadRecord, decode_line, parse_record
 from .samples import SampleBuilder, collate, decode_images
 from .sources import LazySample, Part, RandomAccess, open_parts
+
+logger = logging.getLogger(__name__)
 
 
 class PositionTracker:
@@ -165,6 +178,7 @@ class _Batches(IterableDataset):
             stream = self._stream() if self.config.streaming else None
         stream_position = 0
         skipped: Counter = Counter()
+        reported: set[str] = set()  # the reasons already logged by this worker
         self._epoch_length = len(self.table) if self.table is not None else None  # streaming: known after epoch 0
         last_good = block  # a worker that finds nothing usable for two epochs stops instead of spinning forever
         while True:
@@ -193,10 +207,13 @@ class _Batches(IterableDataset):
                 try:
                     sample, sample_pixels = self._make(raw, root)
                 except BadRecord as bad:
+                    where = f"{origin} ({bad.reason}): {_shorten(str(bad))}"
                     if self.strict:
-                        raise ValueError(
-                            f"DataConfig {self.config.name!r}: bad record {origin} ({bad.reason}): {bad}"
-                        ) from None
+                        raise ValueError(f"DataConfig {self.config.name!r}: bad record {where}") from None
+                    if bad.reason not in reported:
+                        reported.add(bad.reason)
+                        logger.warning("DataConfig %r: skipped %s. Further records skipped for this reason are only "
+                                       "counted.", self.config.name, where)
                     skipped[bad.reason] += 1
                     continue
                 if sample is not None:
@@ -227,13 +244,22 @@ class _Batches(IterableDataset):
             yield batch
 
     def _make(self, raw: Any, root: Any):
+        if isinstance(raw, bytes):
+            raw = decode_line(raw)  # a JSON Lines line
         if isinstance(raw, str) and not raw.strip():
             return None, None  # a blank line in a JSON Lines file is not a record
         if isinstance(raw, LazySample):
             raw = raw.load()
-        document = parse_record(raw, self.config.format, root)
+        config = self.config
+        document = parse_record(raw, config.format, root, allow_outside=config.allow_outside_paths,
+                                max_images=config.max_images)
         sample = self.builder.build(document)
-        return sample, decode_images(sample, self.processor)
+        return sample, decode_images(sample, self.processor, max_pixels=config.max_image_pixels)
+
+
+def _shorten(message: str, limit: int = 2000) -> str:
+    """A bad record's message, which may quote its values (a path can be megabytes long), cut to ``limit``."""
+    return message if len(message) <= limit else f"{message[:limit]}... ({len(message):,} characters)"
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

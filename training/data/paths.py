@@ -16,6 +16,10 @@ from .config import DataConfig
 # File suffix -> the ``datasets`` builder that reads it (flamingo_train.data.sources).
 BUILDERS = {".jsonl": "text", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 TAR = ".tar"  # a WebDataset shard
+# Byte-order marks of the encodings that JSON files must not use (UTF-32 first: its LE mark starts with UTF-16's).
+BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"), (b"\xff\xfe", "UTF-16LE"),
+        (b"\xfe\xff", "UTF-16BE"))
+ENCODING_PROBE = 4096  # bytes read from the start of a JSON file to recognise UTF-16 and UTF-32
 
 
 def expand_paths(config: DataConfig) -> list[str]:
@@ -59,14 +63,46 @@ def is_tar_shard(config: DataConfig, path: str) -> bool:
 
 def read_as(config: DataConfig, path: str) -> str:
     """How ``path`` (one of :func:`expand_paths`) is read: "tar" (a WebDataset shard), "saved" (a ``save_to_disk``
-    directory) or "file" (one of ``BUILDERS``); a ValueError naming the file if ``config`` cannot read it."""
+    directory) or "file" (one of ``BUILDERS``); a ValueError naming the file if ``config`` cannot read it, or if it
+    is a JSON file encoded as UTF-16 or UTF-32 (:func:`wide_encoding`)."""
     if is_tar_shard(config, path):
         return "tar"
     if os.path.isdir(path):
         return "saved"
     if Path(path).suffix in BUILDERS:
+        encoding = wide_encoding(path) if Path(path).suffix in (".jsonl", ".json") else None
+        if encoding is not None:
+            raise ValueError(
+                f"DataConfig {config.name!r}: {path} is encoded as {encoding}, not UTF-8; training data must be UTF-8. "
+                f"Convert it, e.g. iconv -f {encoding.split()[0]} -t UTF-8 {path} > {Path(path).stem}.utf8"
+                f"{Path(path).suffix}"
+            )
         return "file"
     raise ValueError(f"DataConfig {config.name!r}: cannot read {path}; expected one of {sorted(BUILDERS)} or {TAR}.")
+
+
+def wide_encoding(path: str) -> str | None:
+    """How ``path`` is encoded if it is UTF-16 or UTF-32 text, which JSON files must not be (None otherwise): a
+    byte-order mark, or, without one, NUL bytes mostly in the places where that encoding puts them beside ASCII
+    characters (the ``{``, quotes and keys of JSON), in a text that then opens with ``{`` or ``[``. A stray NUL byte
+    in a UTF-8 file is not enough: its line is one bad record, not a wrong file. Reads ``ENCODING_PROBE`` bytes.
+    """
+    with open(path, "rb") as f:
+        head = f.read(ENCODING_PROBE)
+    for bom, name in BOMS:
+        if head.startswith(bom):
+            return f"{name} (byte-order mark)"
+    nuls = [i for i, byte in enumerate(head) if byte == 0]
+    # (name, code unit width, the offsets within a unit where an ASCII character has its NUL bytes)
+    for name, width, nul_offsets in (("UTF-32LE", 4, {1, 2, 3}), ("UTF-32BE", 4, {0, 1, 2}), ("UTF-16LE", 2, {1}),
+                                     ("UTF-16BE", 2, {0})):
+        placed = sum(i % width in nul_offsets for i in nuls)  # most: a CJK character may have a NUL byte elsewhere
+        if len(nuls) < min(8, len(head) // (2 * width)) or placed < 0.8 * len(nuls):
+            continue
+        text = head[: len(head) - len(head) % width].decode(name, errors="replace")
+        if text.lstrip()[:1] in ("{", "["):
+            return f"{name} (no byte-order mark; NUL bytes between its characters)"
+    return None
 
 
 def check_paths(config: DataConfig) -> None:

@@ -21,6 +21,13 @@ Truncation (in this order, on token ids):
 
 so every kept ``<image>`` token has its image and every kept image has its token.
 
+Bounded work: the text is cut to ``max_chars`` characters before it is tokenized, so a 50 MB record costs what a
+record of ``max_chars`` characters does. No token spans more characters than the vocabulary's longest token, so the
+first ``max_tokens`` tokens lie within ``max_tokens * longest`` characters; ``max_chars`` is twice that plus 1024,
+far beyond where a BPE merge or a normalizer that joins characters (NFC) could reach back from the cut. The ids are
+those that tokenizing the whole text gives (tests/test_hostile_data.py compares them). Likewise a record's images
+after the first ``max_images`` are never looked at (:mod:`flamingo_train.data.formats`).
+
 Labels (``-100`` is ignored by the loss):
 
 * padding is masked (by attention mask, so an eos that doubles as the pad token is still trained);
@@ -47,12 +54,14 @@ by truncation has nothing left to train and is skipped as ``empty``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from PIL import Image
 
+from flamingo.images import MAX_IMAGE_PIXELS, ImageTooLarge
 from flamingo.processing import FlamingoProcessor, load_image
 from flamingo.tokens import END_OF_CHUNK_TOKEN, MEDIA_TOKEN
 
@@ -95,10 +104,32 @@ class SampleBuilder:
         self.max_tokens = max_tokens
         self.max_images = max_images
         self.mask_text_before_first_image = mask_text_before_first_image
+        longest = max(len(token) for token in tokenizer.get_vocab())  # added tokens included
+        self.max_chars = 2 * max_tokens * longest + 1024
+
+    @staticmethod
+    def _parts(document: Document):
+        """:meth:`layout`'s pieces in order, as (is a special token, text)."""
+        yield False, document.prefix
+        for k, (_, text) in enumerate(document.chunks):
+            yield from ((True, MEDIA_TOKEN), (False, text), (True, END_OF_CHUNK_TOKEN), (False, document.separator(k)))
 
     def layout(self, document: Document) -> str:
-        return document.prefix + "".join(f"{MEDIA_TOKEN}{text}{END_OF_CHUNK_TOKEN}{document.separator(k)}"
-                                         for k, (_, text) in enumerate(document.chunks))
+        return "".join(part for _, part in self._parts(document))
+
+    def bounded_layout(self, document: Document) -> tuple[str, int, bool]:
+        """:meth:`layout`'s text cut to ``max_chars`` characters (a prefix of it, cut inside a text, never inside
+        ``<image>`` or ``<|endofchunk|>``), the number of ``<image>`` tokens in it, and whether it is whole."""
+        kept, room, images = [], self.max_chars, 0
+        for special, part in self._parts(document):
+            if len(part) > room:
+                if not special:
+                    kept.append(part[:room])
+                return "".join(kept), images, False
+            kept.append(part)
+            room -= len(part)
+            images += part == MEDIA_TOKEN and special
+        return "".join(kept), images, True
 
     def answer_spans(self, document: Document) -> list[tuple[int, int]]:
         """Character spans of :meth:`layout`'s text that answer labels train: each chunk's text after its last
@@ -107,22 +138,27 @@ class SampleBuilder:
         for k, (_, text) in enumerate(document.chunks):
             start = position + len(MEDIA_TOKEN)
             ends = [text.rfind(m) + len(m) for m in self.answer_markers if m in text]
-            if ends and (not self.last_answer_only or k == len(document.chunks) - 1):
+            last = k == len(document.chunks) - 1 and document.complete  # a cut document lost its last chunk
+            if ends and (not self.last_answer_only or last):
                 spans.append((start + max(ends), start + len(text) + len(END_OF_CHUNK_TOKEN)))
             position = start + len(text) + len(END_OF_CHUNK_TOKEN) + len(document.separator(k))
         return spans
 
-    def answer_mask(self, document: Document) -> list[bool]:
-        """Per token of :meth:`token_ids` (before truncation): whether it lies in an answer span."""
-        text = self.layout(document)
+    def answer_mask(self, document: Document, text: str | None = None) -> list[bool]:
+        """Per token of :meth:`token_ids` (before truncation): whether it lies in an answer span. ``text``: the
+        layout or a prefix of it (:meth:`bounded_layout`); the spans are those of the whole document."""
+        text = self.layout(document) if text is None else text
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         spans = self.answer_spans(document)
         mask = [any(lo <= begin < hi for lo, hi in spans) for begin, _ in offsets]
         return ([False] if self.bos_id is not None else []) + mask + [False]
 
     def token_ids(self, document: Document) -> list[int]:
-        """The whole document's ids, ``[bos] ... [eos]``, before truncation."""
-        text = self.layout(document)
+        """The whole document's ids, ``[bos] ... [eos]``, before truncation (no eos if the document was cut)."""
+        return self._ids(self.layout(document), len(document.chunks), document.complete)
+
+    def _ids(self, text: str, images: int, complete: bool) -> list[int]:
+        """``[bos]`` + the ids of ``text``, which lays out ``images`` images, + ``[eos]`` if ``complete``."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as error:
@@ -130,21 +166,22 @@ class SampleBuilder:
             # raises TypeError on them, which would end the whole run.
             raise BadRecord("malformed_record", f"its text is not valid Unicode ({error})") from None
         body = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if body.count(self.media_id) != len(document.chunks):
+        if body.count(self.media_id) != images:
             raise BadRecord(
                 "image_count_mismatch",
-                f"its text holds a literal {MEDIA_TOKEN}: {body.count(self.media_id)} tokens for {len(document.chunks)} images",
+                f"its text holds a literal {MEDIA_TOKEN}: {body.count(self.media_id)} tokens for {images} images",
             )
-        return ([self.bos_id] if self.bos_id is not None else []) + body + [self.eos_id]
+        return ([self.bos_id] if self.bos_id is not None else []) + body + ([self.eos_id] if complete else [])
 
     def build(self, document: Document) -> Sample:
-        full = self.token_ids(document)
+        text, laid_out, whole = self.bounded_layout(document)
+        full = self._ids(text, laid_out, whole and document.complete)
         ids = self.truncate(full)
         images = document.images[: ids.count(self.media_id)]
         labels = self.labels(ids)
         if self.answers_only:
             # truncate() keeps a prefix of the ids (plus, at most, an eos of its own, which is not an answer)
-            mask = self.answer_mask(document)
+            mask = self.answer_mask(document, text)
             labels = [label if i < len(full) and ids[i] == full[i] and mask[i] else IGNORE_INDEX
                       for i, label in enumerate(labels)]
         if all(label == IGNORE_INDEX for label in labels):
@@ -177,14 +214,22 @@ class SampleBuilder:
         return labels
 
 
-def decode_images(sample: Sample, processor: FlamingoProcessor) -> torch.Tensor:
-    """Load and transform a sample's images -> (T, 1, C, H, W); raises BadRecord naming the image that failed."""
+def decode_images(sample: Sample, processor: FlamingoProcessor, *,
+                  max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Load and transform a sample's images -> (T, 1, C, H, W); raises BadRecord naming the image that failed.
+
+    Reasons: ``missing_image`` (no regular file at the path: absent, a directory, a FIFO or a device, which is never
+    opened for reading), ``image_too_large`` (over ``max_pixels`` pixels by its header; None: no limit),
+    ``corrupt_image`` (anything else that does not decode).
+    """
     pixels = []
     for index, image in enumerate(sample.images):
         try:
-            pixels.append(processor.image_transform(load_image(image)))
+            pixels.append(processor.image_transform(load_image(image, max_pixels=max_pixels)))
+        except ImageTooLarge as error:
+            raise BadRecord("image_too_large", f"image {index}: {error}") from None
         except ValueError as error:
-            missing = isinstance(error.__cause__, (FileNotFoundError, IsADirectoryError))
+            missing = isinstance(image, str) and not os.path.isfile(image)  # stat only: a FIFO is not opened
             raise BadRecord("missing_image" if missing else "corrupt_image", f"image {index}: {error}") from None
         except Image.DecompressionBombError as error:  # a huge (or corrupt-header) web image: not an OSError
             raise BadRecord("corrupt_image", f"image {index}: {error}") from None

@@ -6,6 +6,11 @@ comes with an ``origin`` ("data.jsonl line 7", "shard-00001.tar sample 000123") 
 * ``.jsonl`` files are read with the ``datasets`` "text" builder, one raw line per record, and each line is parsed
   later, in the worker that uses it. A malformed line is then one bad record, skipped and counted, instead of an
   error that stops ``datasets``' json builder for the whole file. Blank lines are ignored.
+* Encoding: JSON Lines must be UTF-8 (a UTF-8 byte-order mark is accepted). The text builder reads them as
+  Latin-1, which maps every byte to one character and cannot fail, and a record is the line's bytes again
+  (``.encode("latin-1")``), decoded as UTF-8 in the worker: a line with a stray byte is one bad record
+  (``not_utf8``), where reading as UTF-8 would fail the whole file. Line breaks are the same bytes in both. A
+  UTF-16 or UTF-32 file is refused up front, naming the file and its encoding (:func:`.paths.wide_encoding`).
 * ``.json`` files holding a JSON array go through the "json" builder (a malformed one is a ValueError naming the
   file); a ``.json`` file whose first line is a complete JSON object is JSON Lines and read like ``.jsonl``. ``.parquet`` / ``.arrow`` files use their builders, and a directory written by
   ``Dataset.save_to_disk`` is opened with ``load_from_disk``. Rows are read in arrow format, so ``datasets`` Image
@@ -84,8 +89,10 @@ def _file_part(path: str, *, root: Path, streaming: bool) -> Part:
         builder = "text"
     if builder == "text" and os.path.getsize(path) == 0:  # an empty shard; datasets' text builder fails on it
         return DatasetPart(path, datasets.Dataset.from_dict({"text": []}), root=root, lines=True)
+    # Lines as Latin-1: every byte is one character, so no line fails the file (see the module docstring).
+    options = {"encoding": "latin-1"} if builder == "text" else {}
     try:
-        dataset = datasets.load_dataset(builder, data_files=path, split="train", streaming=streaming)
+        dataset = datasets.load_dataset(builder, data_files=path, split="train", streaming=streaming, **options)
     except Exception as error:  # datasets raises many types; a whole unreadable file is a configuration error
         raise ValueError(f"Cannot read {path} with the datasets {builder!r} builder: {error}") from error
     return DatasetPart(path, dataset, root=root, lines=builder == "text")
@@ -106,7 +113,8 @@ def _saved_part(path: str, *, streaming: bool, root: Path) -> Part:
 class DatasetPart(Part):
     """A ``datasets`` Dataset or IterableDataset, read in arrow format so Image values stay undecoded.
 
-    ``lines``: the records are raw JSON Lines text (the "text" builder's column), numbered from 1 as lines.
+    ``lines``: the records are raw JSON Lines (the "text" builder's column, read as Latin-1), numbered from 1 as
+    lines; each is returned as the line's bytes.
     """
 
     def __init__(self, name: str, dataset, *, root: Path, lines: bool):
@@ -118,7 +126,7 @@ class DatasetPart(Part):
         return f"{self.name} line {j + 1}" if self.lines else f"{self.name} row {j}"
 
     def _unwrap(self, row: dict) -> Any:
-        return row["text"] if self.lines else row
+        return row["text"].encode("latin-1") if self.lines else row
 
     def get(self, j: int) -> tuple[str, Any]:
         return self._origin(j), self._unwrap(self.arrow[j].to_pylist()[0])

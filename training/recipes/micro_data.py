@@ -14,6 +14,7 @@ Evaluation (``flamingo-eval`` custom tasks: ``--task custom --custom-kind captio
     eval/caption/{train,test}.jsonl   {"id", "image", "captions": [...]}   train = demo pool, test = held-out scenes
     eval/vqa/{train,test}.jsonl       {"question_id", "image", "question", "answers": [answer] * 10}
     eval/binding/{train,test}.jsonl   {"id", "demos": [{"image", "word"}, ...], "image", "answer", "choices"}
+    eval/<kind>/images/*.png          each task's own images (an evaluation reads only images in its folder)
 
 A VQA answer is written as ten identical references: the VQAv2 accuracy formula (leave-one-out over ten human
 answers) then reads as exact match, as it should for a world with one right answer.
@@ -128,8 +129,11 @@ def write_training_data(root: Path, recipe: DataRecipe) -> dict[str, Path]:
 
 
 def write_eval_data(root: Path, recipe: DataRecipe) -> dict[str, Path]:
-    """The three custom evaluation tasks under ``root/<kind>/`` (see the module docstring); returns ``{kind: dir}``."""
-    images = ImageWriter(root)
+    """The three custom evaluation tasks under ``root/<kind>/`` (see the module docstring); returns ``{kind: dir}``.
+
+    Each task folder holds its own ``images/`` (the caption and VQA tasks render the same scenes): an evaluation reads
+    only images inside its data folder (flamingo.file_access)."""
+    writers = {kind: ImageWriter(root / kind) for kind in ("caption", "vqa", "binding")}
 
     def scenes(split: str, count: int):
         return [(i, make_scene(rng_for(split, "eval-scene", i))) for i in range(count)]
@@ -137,17 +141,20 @@ def write_eval_data(root: Path, recipe: DataRecipe) -> dict[str, Path]:
     sizes = {"train": recipe.eval_support, "test": recipe.eval_queries}
     for split, count in sizes.items():
         pool = scenes(split, count)
+        images = writers["caption"]
         _write_jsonl(root / "caption" / f"{split}.jsonl",
-                     ({"id": i, "image": "../" + images(s, f"{split}{i}"), "captions": captions(s)} for i, s in pool))
+                     ({"id": i, "image": images(s, f"{split}{i}"), "captions": captions(s)} for i, s in pool))
+        images = writers["vqa"]
         _write_jsonl(root / "vqa" / f"{split}.jsonl", (
-            {"question_id": i, "image": "../" + images(s, f"{split}{i}"), "question": q.question,
+            {"question_id": i, "image": images(s, f"{split}{i}"), "question": q.question,
              "answers": [q.answer] * 10}
             for i, s in pool for q in [pick_question(s, rng_for(split, "eval-question", i))]))
         episodes = [binding_episode(split, 10_000_000 + i, shots=recipe.eval_binding_shots) for i in range(count)]
+        images = writers["binding"]
         _write_jsonl(root / "binding" / f"{split}.jsonl", (
             {"id": f"{split}{i}",
-             "demos": [{"image": "../" + images(s, f"{split}ep{i}_{j}"), "word": w} for j, (s, w) in enumerate(e.demos)],
-             "image": "../" + images(e.query, f"{split}ep{i}_q"), "answer": e.answer, "choices": list(e.words)}
+             "demos": [{"image": images(s, f"{split}ep{i}_{j}"), "word": w} for j, (s, w) in enumerate(e.demos)],
+             "image": images(e.query, f"{split}ep{i}_q"), "answer": e.answer, "choices": list(e.words)}
             for i, e in enumerate(episodes)))
     return {kind: root / kind for kind in ("caption", "vqa", "binding")}
 
