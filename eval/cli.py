@@ -1,4 +1,4 @@
-"""``flamingo-eval``: few-shot evaluation of a saved Flamingo model, and scoring of prediction files.
+r"""``flamingo-eval``: few-shot evaluation of a saved Flamingo model, and scoring of prediction files.
 
 Tiny CPU run (the shipped micro model and fixture data, no downloads, about 15 s)::
 
@@ -22,7 +22,7 @@ Custom data (``flamingo_eval.data``; binding episodes: ``flamingo_eval.binding``
         --annotations DIR/test.jsonl                # the file the run read serves as the annotations
 
 ``--tasks``, ``--custom-kind``, the per-task path flags and ``score --task`` list the tasks registered in
-``flamingo_eval.tasks``. ``--num-beams``, ``--max-new-tokens``, ``--demo-separator`` (escapes decoded: ``'\\n'``)
+``flamingo_eval.tasks``. ``--num-beams``, ``--max-new-tokens``, ``--demo-separator`` (escapes decoded: ``'\n'``)
 and ``--zero-shot-text-demos`` override the task's own setting. Defaults: OpenFlamingo's, for comparability (two
 text-only demos at 0 shots; 5 new tokens for VQA, 20 for captions), except that custom caption / VQA tasks take
 ``max_new_tokens`` from their data: the longest reference answer in tokens + 2.

@@ -59,7 +59,9 @@ def generate_answers(model, tokenizer, *, prompts: list[str], media: torch.Tenso
         for text, ended in zip(continuations, stopped)
     ]
     if any(a["truncated"] for a in answers):
-        warnings.warn(TRUNCATION_WARNING)  # one fixed message at one place: Python shows it once per process
+        # One fixed message at one place: Python shows it once per process. (Nothing else on the warn line: Python
+        # prints that line under the message.)
+        warnings.warn(TRUNCATION_WARNING)
     return answers
 
 

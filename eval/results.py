@@ -109,13 +109,15 @@ def summarize(trials: list[dict]) -> list[dict]:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    """Rows: task (metric); columns: shots; cells: mean ± std."""
+    """Rows: task (metric); columns: shots; cells: mean ± std over the trials (seeds), or the one trial's score."""
     if not summary:
         return "(no scored results)"
     shots = sorted({s["shots"] for s in summary})
     rows = {}
     for s in summary:
-        rows.setdefault(f"{s['task']} ({s['metric']})", {})[s["shots"]] = f"{s['mean']:.2f} ± {s['std']:.2f}"
+        # One trial has no spread: "± 0.00" would read as a measured one.
+        cell = f"{s['mean']:.2f} ± {s['std']:.2f}" if s["trials"] > 1 else f"{s['mean']:.2f}"
+        rows.setdefault(f"{s['task']} ({s['metric']})", {})[s["shots"]] = cell
     lines = ["| task | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
     for name, cells in rows.items():
         lines.append(f"| {name} | " + " | ".join(cells.get(k, "") for k in shots) + " |")

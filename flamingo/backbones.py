@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,11 +61,45 @@ def load_lang_model(
         return lang_model
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(lang_model, trust_remote_code=trust_remote_code, **kwargs)
+        with _no_loading_bar():
+            return AutoModelForCausalLM.from_pretrained(lang_model, trust_remote_code=trust_remote_code, **kwargs)
     except pickle.UnpicklingError as error:
         pickles = sorted(Path(lang_model).glob("*.bin")) if Path(lang_model).is_dir() else []
         named = ", ".join(str(path) for path in pickles) or lang_model
         raise ValueError(refused_pickle(field, named, error)) from error
+
+
+@contextmanager
+def _no_loading_bar():
+    """Within: transformers' own progress bars are hidden ("Loading weights", drawn by every ``from_pretrained`` in
+    transformers 5, even of a model already on disk). Download bars are huggingface_hub's own and stay.
+
+    ``set_tqdm_hook`` (what transformers' own server wraps its loads in) returns the hook it replaces, which is put
+    back after. Older transformers (5.0) has only the global switch, which hides the download bars too; it is turned
+    off for this load only.
+    """
+    from transformers.utils import logging as hf_logging
+
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
+    if set_hook is None:
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
+        return
+
+    def hidden(factory, args, kwargs):
+        kwargs = {**kwargs, "disable": True}
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    previous = set_hook(hidden)
+    try:
+        yield
+    finally:
+        set_hook(previous)
 
 
 def runs_own_code(lang_model: PreTrainedModel) -> bool:

@@ -3,7 +3,6 @@ across calls computes what the plain computation does, and projects the images o
 
 import copy
 import inspect
-from pathlib import Path
 
 import pytest
 import torch
@@ -236,10 +235,11 @@ def test_continuation_calls_that_bring_new_images_equal_one_forward_over_the_who
 
 
 def test_the_readmes_decoding_by_hand_example_runs_and_its_new_image_is_seen(tiny_vision, tiny_llama_dir):
-    """The README's "Decoding by hand" block, run as written: the logits after the new image equal one plain
-    forward over everything it fed the model, both images included."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = readme.split("**Decoding by hand**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    """The "Decoding by hand" block of docs/model.md (the README's test name stays), run as written: the logits
+    after the new image equal one plain forward over everything it fed the model, both images included."""
+    from test_docs import doc_block
+
+    block = doc_block("decoding-by-hand")
     model, processor = build_tiny_model(tiny_vision, tiny_llama_dir)
     images = random_images(2, seed=4)
     batch = processor([images[0], "A cat and a"])

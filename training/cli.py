@@ -26,6 +26,7 @@ from flamingo_train.config import load_config
 
 PLOT = "plot"
 CONVERT_TASK = "convert-task"
+OWN_LOGGERS = ("flamingo", "flamingo_eval", "flamingo_train")  # the import names of this repository's packages
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, overrides=overrides, check_paths=True)
     except ValueError as error:
         fail(error, code=2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     # Imported here, once the config is known to be good: the loop imports torch, transformers and accelerate
     # (seconds), and `--help` or a config error answers before any of them (tests/test_startup.py).
     from flamingo_train import train as loop
@@ -97,6 +98,15 @@ def main(argv: list[str] | None = None) -> None:
             raise
         fail(error, code=1)
     print(f"final model: {result.final_dir}")
+
+
+def configure_logging() -> None:
+    """Our own packages log at INFO (the trainable parameter count); every other library stays at WARNING. A root
+    logger at INFO would show open_clip's model-building steps (it logs through the root logger: the ``root:``
+    lines) and accelerate's line for each file of a checkpoint it saves."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def fail(error: Exception, *, code: int) -> None:

@@ -1,9 +1,11 @@
 """The micro model shipped in the package, few-shot, in under a minute on a laptop CPU; no download.
 
-Run:  .venv/bin/flamingo-demo [--out flamingo-demo] [--queries 100] [--model micro|DIR]
+Run:  .venv/bin/flamingo-demo [--out flamingo-demo] [--queries 100] [--model micro|DIR] [--image PATH ...]
       (the same: python -m flamingo_train.demo ...)
+      Tiny CPU run: flamingo-demo --queries 6 --support 8 --image my-photo.jpg
 
-It prints three sections, and writes every image it shows under ``--out``:
+It prints three sections (four with ``--image``), and writes every image it shows under ``--out``; the prompt's
+64 px images also as ``*_x4.png`` viewing copies (nearest-neighbour, 4x; the model reads the 64 px files):
 
 1. a few-shot evaluation on held-out scenes of the micro world (:mod:`flamingo.micro.world`, split "test"): VQA
    exact match, in-context word binding and captioning (CIDEr), at 0 and 4 shots, with a few predictions; this is
@@ -11,7 +13,11 @@ It prints three sections, and writes every image it shows under ``--out``:
    ``flamingo-eval run --model micro --tasks custom --custom-kind vqa --data-dir DIR/data/vqa`` computes it;
 2. one interleaved few-shot prompt, two captioned scenes then a new one, and what the model writes for it;
 3. binding side by side: episodes that bind two made-up words to two object kinds (a shape in a colour) in their
-   demos only, with the model's pick at 0 shots (chance, by construction) and at 4 shots.
+   demos only, with the model's pick at 0 shots (chance, by construction) and at 4 shots; each episode is also one
+   PNG strip with the right answer and the model's pick marked on it;
+4. with ``--image PATH`` (repeatable): micro prompted on your own images with its templates (a caption, two
+   questions), the image as the model sees it (resized and cropped by the processor), and what micro can and cannot
+   see: it knows only its synthetic world.
 
 The same steps with a real model read::
 
@@ -25,23 +31,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import flamingo
+from flamingo.images import load_image
 from flamingo.micro import MICRO_MODEL_NAME, resolve_model_path
-from flamingo.micro.world import captions, make_scene, render, rng_for
+from flamingo.micro.world import COLOURS, IMAGE_SIZE, SHAPES, SIZES, captions, make_scene, render, rng_for
 
 # The demo is an entry point on top of all three packages, so it lives in the top one: it runs the evaluation code
 # and the recipe's data writer as they are, so its numbers are the ones `flamingo-eval` reports.
 from flamingo_eval.files import read_jsonl
 from flamingo_eval.runner import Evaluator
 from flamingo_train.recipes.micro_data import DataRecipe, eval_config, write_eval_data
-from flamingo_train.recipes.texts import CAPTION_PROMPT
+from flamingo_train.recipes.texts import CAPTION_PROMPT, VQA_PROMPT
 
 SHOTS = (0, 4)
 TASKS = {  # kind: (name shown, metric shown)
@@ -49,6 +57,7 @@ TASKS = {  # kind: (name shown, metric shown)
     "binding": ("binding", "accuracy %"),
     "caption": ("captioning", "CIDEr"),
 }
+VIEW_SCALE = 4  # viewing copies: the world's 64 px images are too small to see
 
 
 @dataclass
@@ -60,6 +69,7 @@ class DemoConfig:
     # scores are those of the recipe's results.json on its first `queries` held-out scenes.
     support: int = DataRecipe.eval_support
     examples: int = 3  # predictions printed per task, and binding episodes shown
+    images: tuple[Path, ...] = ()  # your own images (--image), prompted in section 4
 
     def __post_init__(self):
         if self.queries < 1 or self.examples < 0 or self.support < max(SHOTS):
@@ -67,6 +77,7 @@ class DemoConfig:
                 f"Need queries >= 1, examples >= 0 and support >= {max(SHOTS)}; got queries={self.queries}, "
                 f"examples={self.examples}, support={self.support}."
             )
+        self.images = tuple(Path(p) for p in self.images)
 
 
 def heading(text: str) -> None:
@@ -80,6 +91,22 @@ def shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def viewing_copy(image: Image.Image, path: Path) -> Path:
+    """``path`` with ``_x4`` added: ``image`` upscaled ``VIEW_SCALE`` times, nearest-neighbour, so that each pixel the
+    model reads is a sharp block (a smoothing filter would show detail the model never gets)."""
+    view = path.with_name(f"{path.stem}_x{VIEW_SCALE}.png")
+    image.resize((image.width * VIEW_SCALE, image.height * VIEW_SCALE), Image.Resampling.NEAREST).save(view)
+    return view
+
+
+@torch.no_grad()
+def generate(model, processor, prompt: list) -> str:
+    """Greedy continuation of one interleaved prompt, up to its ``<|endofchunk|>``."""
+    batch = processor(prompt).to(model.device)
+    ids = model.generate(**batch, max_new_tokens=20, num_beams=1)
+    return processor.decode(ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 # ------------------------------------------------------------------------------------------------ 1. evaluation
@@ -122,40 +149,85 @@ def print_evaluation(results: dict[str, dict], data_dirs: dict[str, Path], confi
 
 
 # ------------------------------------------------------------------------------------------------ 2. one prompt
-@torch.no_grad()
 def few_shot_caption(model, processor, out: Path) -> dict:
     """Two captioned held-out scenes and a third to caption, as one interleaved prompt; greedy generation."""
     out.mkdir(parents=True, exist_ok=True)
     scenes = [make_scene(rng_for("test", "demo-prompt", i)) for i in range(3)]
-    paths = []
+    paths, views = [], []
     for name, scene in zip(("demo1", "demo2", "query"), scenes):
+        image = render(scene)
         paths.append(out / f"{name}.png")
-        render(scene).save(paths[-1])
+        image.save(paths[-1])
+        views.append(viewing_copy(image, paths[-1]))
     demo_captions = [captions(scene)[0] for scene in scenes[:2]]
     # The interleaved style: the processor turns each image into <image> and closes each text with <|endofchunk|>.
     prompt = [paths[0], CAPTION_PROMPT.format(caption=demo_captions[0]),
               paths[1], CAPTION_PROMPT.format(caption=demo_captions[1]),
               paths[2], CAPTION_PROMPT.format(caption="")]
-    batch = processor(prompt).to(model.device)
-    ids = model.generate(**batch, max_new_tokens=20, num_beams=1)
     return {
         "images": paths,
-        "prompt": processor.decode(batch["input_ids"][0]),
-        "generated": processor.decode(ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip(),
+        "views": views,
+        "prompt": processor.decode(processor(prompt)["input_ids"][0]),
+        "generated": generate(model, processor, prompt),
         "reference": captions(scenes[2])[0],
     }
 
 
 # ------------------------------------------------------------------------------------------------ 3. binding
-def episode_strip(images: list[Path], labels: list[str], path: Path, *, scale: int = 2) -> Path:
-    """The episode's images in a row, each with its label underneath, as one PNG."""
-    tiles = [Image.open(p).convert("RGB") for p in images]
-    w, h = tiles[0].width * scale, tiles[0].height * scale
-    strip = Image.new("RGB", (len(tiles) * (w + 8), h + 24), "white")
+RIGHT, WRONG = (20, 150, 50), (235, 110, 0)  # frame colours: green, orange
+PAD, GAP, LINE = 5, 6, 16  # a frame is drawn in the pad around a tile, so it never covers the image; LINE: text rows
+
+
+def strip_cell(index: int, tile: int) -> tuple[int, int]:
+    """Top-left corner of tile ``index`` (demos first, then the query) in a strip of ``tile`` px tiles."""
+    return PAD + index * (tile + 2 * PAD + GAP), PAD
+
+
+def episode_strip(demos: list[tuple[Path, str]], query: Path, answer: str, picks: dict[int, str], path: Path, *,
+                  scale: int = 2) -> Path:
+    """The episode as one PNG: the demos with their words, then the query, with the answer and the picks marked.
+
+    The demos whose word is the right answer (they show the query's kind) are framed green. Where the model's pick at
+    the most shots (``max(picks)``) is wrong, the demos of the word it picked and the query are framed orange;
+    otherwise the query is framed green. Under the query: the answer and the pick at each shot count; at the bottom,
+    a legend.
+    """
+    tiles = [Image.open(p).convert("RGB") for p, _ in demos] + [Image.open(query).convert("RGB")]
+    tile = tiles[0].width * scale
+    font = ImageFont.load_default(size=12)
+    last = max(picks)
+    verdict = {k: RIGHT if pick == answer else WRONG for k, pick in picks.items()}
+    under_query = [("query", "black"), (f"answer: {answer}", "black")]
+    under_query += [(f"{k}-shot pick: {picks[k]} ({'right' if picks[k] == answer else 'wrong'})", verdict[k])
+                    for k in sorted(picks)]
+    legend = [
+        (f"green: the demos of the right answer (the query's kind); the query, if the {last}-shot pick is right",
+         RIGHT),
+        (f"orange: the demos of the word picked at {last} shots; the query, if that pick is wrong", WRONG),
+    ]
+    framed = {picks[last]: WRONG, answer: RIGHT}  # the answer last: a right pick stays green
+    query_x = strip_cell(len(demos), tile)[0]
+    top = tile + 2 * PAD + 4  # the first text row, under the tiles
+    legend_top = top + LINE * len(under_query) + 8
+    width = max(strip_cell(len(tiles), tile)[0] - GAP,
+                query_x + PAD + max(int(font.getlength(text)) for text, _ in under_query),
+                2 * PAD + max(int(font.getlength(text)) for text, _ in legend))
+    strip = Image.new("RGB", (width, legend_top + LINE * len(legend) + 4), "white")
     draw = ImageDraw.Draw(strip)
-    for i, (tile, label) in enumerate(zip(tiles, labels)):
-        strip.paste(tile.resize((w, h), Image.Resampling.NEAREST), (i * (w + 8), 0))
-        draw.text((i * (w + 8) + 4, h + 6), label, fill="black")
+    for i, image in enumerate(tiles):
+        x, y = strip_cell(i, tile)
+        strip.paste(image.resize((tile, tile), Image.Resampling.NEAREST), (x, y))
+        is_query = i == len(demos)
+        colour = verdict[last] if is_query else framed.get(demos[i][1])
+        if colour:
+            draw.rectangle([x - PAD, y - PAD, x + tile + PAD - 1, y + tile + PAD - 1], outline=colour, width=PAD - 1)
+        else:  # the world's background is almost white: a thin edge shows where the image ends
+            draw.rectangle([x - 1, y - 1, x + tile, y + tile], outline=(190, 190, 190), width=1)
+        rows = under_query if is_query else [(demos[i][1], colour or "black")]
+        for j, (text, fill) in enumerate(rows):
+            draw.text((x, top + j * LINE), text, fill=fill, font=font)
+    for j, (text, fill) in enumerate(legend):
+        draw.text((PAD, legend_top + j * LINE), text, fill=fill, font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     strip.save(path)
     return path
@@ -166,18 +238,74 @@ def print_binding(results: dict[str, dict], data_dir: Path, out: Path, config: D
     picks = {k: {str(p["id"]): p["prediction"] for p in results["binding"]["predictions"][k]} for k in SHOTS}
     for episode in episodes:
         demos = episode["demos"][: max(SHOTS)]  # a k-shot prompt uses the episode's first k demos
-        images = [data_dir / d["image"] for d in demos] + [data_dir / episode["image"]]
-        strip = episode_strip(images, [d["word"] for d in demos] + ["query: ?"], out / f"{episode['id']}.png")
-        print(f"\nepisode {episode['id']}: words {' / '.join(episode['choices'])}   (all images in one file: "
-              f"{shown(strip)})")
+        chosen = {k: picks[k][str(episode["id"])] for k in SHOTS}
+        strip = episode_strip([(data_dir / d["image"], d["word"]) for d in demos], data_dir / episode["image"],
+                              episode["answer"], chosen, out / f"{episode['id']}.png")
+        print(f"\nepisode {episode['id']}: words {' / '.join(episode['choices'])}   (in one picture, the answer and "
+              f"the model's pick marked: {shown(strip)})")
         for j, demo in enumerate(demos, 1):
             print(f"  demo {j}  {shown(data_dir / demo['image'])}  <image>This is a {demo['word']}.")
         print(f"  query   {shown(data_dir / episode['image'])}  <image>This is a ...   answer: {episode['answer']}")
-        verdicts = []
-        for k in SHOTS:
-            pick = picks[k][str(episode["id"])]
-            verdicts.append(f"{k}-shot {pick} ({'right' if pick == episode['answer'] else 'wrong'})")
+        verdicts = [f"{k}-shot {pick} ({'right' if pick == episode['answer'] else 'wrong'})"
+                    for k, pick in chosen.items()]
         print("  model's pick:  " + "   ".join(verdicts))
+
+
+# ------------------------------------------------------------------------------------------------ 4. your images
+# What micro is asked about an image of yours: its own templates, with questions that every scene of its world
+# answers. Each entry is (what is asked, the prompt's text after the image).
+OWN_IMAGE_PROMPTS = (
+    ("caption", CAPTION_PROMPT.format(caption="")),
+    ("count", VQA_PROMPT.format(question="how many shapes are there?", answer="")),
+    ("yes/no", VQA_PROMPT.format(question="is there a red circle?", answer="")),
+)
+
+
+def what_micro_knows() -> str:
+    return (
+        f"micro knows only its synthetic world (flamingo/micro/world.py): {IMAGE_SIZE} x {IMAGE_SIZE} px scenes of one "
+        f"to three flat shapes ({', '.join(SHAPES)}) in {len(COLOURS)} colours ({', '.join(COLOURS)}), "
+        f"{' or '.join(SIZES)}, on a plain light background, left of, right of, above or below one another. It has "
+        "no words for anything else (a photo, a texture, a person, text, a shape or colour outside those lists), and "
+        "it answers in its world's words whatever it is shown: on your images, read its answers as the nearest scene "
+        "of its world, not as recognition."
+    )
+
+
+def as_seen(processor, image: Image.Image) -> Image.Image:
+    """``image`` as the model reads it: the processor's resize and crop, its normalisation undone."""
+    pixels = processor.image_transform(image)  # (C, H, W), normalised
+    mean = torch.tensor(processor.preprocess_cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(processor.preprocess_cfg["std"]).view(3, 1, 1)
+    rgb = (pixels * std + mean).clamp(0, 1).mul(255).round().byte()
+    return Image.fromarray(rgb.permute(1, 2, 0).numpy())
+
+
+def own_images(model, processor, paths: tuple[Path, ...], out: Path) -> list[dict]:
+    """Each image prompted alone (0 shots) with each of ``OWN_IMAGE_PROMPTS``: ``[{"image", "size", "seen",
+    "answers": {what: answer}}]``; ``seen`` is a viewing copy of the model's input."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for index, path in enumerate(paths):
+        image = load_image(path)
+        seen = viewing_copy(as_seen(processor, image), out / f"{index}-{path.stem}.png")
+        answers = {what: generate(model, processor, [image, text]) for what, text in OWN_IMAGE_PROMPTS}
+        results.append({"image": path, "size": image.size, "seen": seen, "answers": answers})
+    return results
+
+
+def print_own_images(results: list[dict], processor) -> None:
+    cfg = processor.preprocess_cfg
+    print(textwrap.fill(what_micro_knows(), width=100))
+    print(textwrap.fill(f"Each image is read as the processor reads any image: {cfg['interpolation']} resize of its "
+                        f"{cfg['resize_mode']} side to {cfg['size']} px, centre crop to {cfg['size']} x {cfg['size']}.",
+                        width=100))
+    for result in results:
+        width, height = result["size"]
+        print(f"\n{shown(result['image'])} ({width} x {height})   as micro sees it ({VIEW_SCALE}x): "
+              f"{shown(result['seen'])}")
+        for (what, text), answer in zip(OWN_IMAGE_PROMPTS, result["answers"].values()):
+            print(f"  {what:<8} <image>{text:<50} model: {answer}")
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -200,6 +328,7 @@ def run(config: DemoConfig) -> dict:
     heading("2. One interleaved few-shot prompt: two captioned scenes, then a new scene to caption")
     prompt = few_shot_caption(model, processor, config.out / "prompt")
     print("images:  " + "  ".join(shown(p) for p in prompt["images"]))
+    print("to view: " + "  ".join(shown(p) for p in prompt["views"]) + f"  ({VIEW_SCALE}x)")
     print(f"prompt:  {prompt['prompt']}")
     print(f"model:   {prompt['generated']}")
     print(f"correct: {prompt['reference']}")
@@ -208,9 +337,15 @@ def run(config: DemoConfig) -> dict:
             "training)")
     print_binding(results, data["binding"], config.out / "binding", config)
 
+    own = []
+    if config.images:
+        heading("4. Your images, prompted with micro's templates (0 shots)")
+        own = own_images(model, processor, config.images, config.out / "your-images")
+        print_own_images(own, processor)
+
     seconds = time.perf_counter() - started
     print(f"\ndone in {seconds:.0f} s; everything shown is in {shown(config.out)}")
-    return {"results": results, "prompt": prompt, "seconds": seconds}
+    return {"results": results, "prompt": prompt, "own_images": own, "seconds": seconds}
 
 
 def parse_config(argv: list[str] | None = None) -> DemoConfig:
@@ -220,7 +355,15 @@ def parse_config(argv: list[str] | None = None) -> DemoConfig:
     parser.add_argument("--queries", type=int, default=DemoConfig.queries, help="held-out queries per task")
     parser.add_argument("--support", type=int, default=DemoConfig.support, help="demo pool size (VQA, captions)")
     parser.add_argument("--examples", type=int, default=DemoConfig.examples, help="examples printed per section")
-    return DemoConfig(**vars(parser.parse_args(argv)))
+    parser.add_argument("--image", type=Path, action="append", default=[], dest="images", metavar="PATH",
+                        help="an image of yours to prompt micro with (any size; repeatable)")
+    args = parser.parse_args(argv)
+    for path in args.images:
+        try:
+            load_image(path)
+        except ValueError as error:  # one line, not a traceback: the path is the user's, and so is the fix
+            parser.exit(2, f"{parser.prog}: error: --image: {error}\n")
+    return DemoConfig(**{**vars(args), "images": tuple(args.images)})
 
 
 def main(argv: list[str] | None = None) -> int:

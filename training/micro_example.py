@@ -9,7 +9,7 @@ for a few percent of the questions, and so is any answer given another scene's i
 Run::
 
     python -m flamingo_train.micro_example --out runs/what-is-this    # task data, training records, config
-    flamingo-train --config runs/what-is-this/config.yaml               # ~1 min; held-out accuracy every 50 steps
+    flamingo-train --config runs/what-is-this/config.yaml               # 150 steps; held-out accuracy every 10
     flamingo-eval run --model runs/what-is-this/run/best --tasks custom --custom-kind vqa \\
         --data-dir runs/what-is-this/task --shots 0 4 --output runs/what-is-this/results.json
 
@@ -19,8 +19,12 @@ What it writes under ``--out``:
   world's train split; ``test.jsonl``, held-out scenes of its test split; ``images/``);
 * ``train-records.jsonl`` (+ ``.data.yaml``): the training pool as the evaluation prompts it, at 0 and 2 shots
   (``flamingo-train convert-task``), trained on the query's answer only;
-* ``config.yaml``: continue from ``micro``, evaluate on 100 held-out questions every 50 steps (the score is in the
-  progress bar and ``run/metrics.jsonl``), keep the best model in ``run/best`` and draw ``run/metrics.png``.
+* ``config.yaml``: continue from ``micro`` at a low learning rate (:func:`config_dict` says why), evaluate on 100
+  held-out questions every 10 steps (the score is in the progress bar and ``run/metrics.jsonl``), keep the best model
+  in ``run/best`` and draw ``run/metrics.png``.
+
+The loss does not fall to 0: it flattens at about 0.32 with every answer right, because micro's LM, frozen, cannot
+put much more than 0.6 on any one colour or shape word (:func:`loss_floor` computes that floor).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ import yaml
 
 from flamingo.io import atomic_write_text
 from flamingo.micro.world import Scene, make_scene, render, rng_for
+from flamingo.tokens import END_OF_CHUNK_TOKEN
 from flamingo_eval.files import read_jsonl
+from flamingo_eval.prompts import VQA_TEMPLATE
 from flamingo_train.task_data import write_task_records
 
 QUESTION = "what is this?"
@@ -95,13 +101,56 @@ def question_only_accuracy(task: str | Path) -> float:
     return 100.0 * hits / len(test)
 
 
+def loss_floor(model, processor, answers: list[str], *, steps: int = 200) -> float:
+    """The lowest mean loss per trained token that any Flamingo on ``model``'s frozen LM can reach on ``answers``.
+
+    The trained tokens are each answer's and its ``<|endofchunk|>`` (``labels: last_answer``), weighted as the loss
+    weights them. The LM ends in ``logits = W @ RMSNorm(h)`` (micro's LM is a Llama), all frozen: RMSNorm fixes the
+    hidden state's length, so whatever the cross-attention adds to ``h``, one word's logit can only lead its
+    neighbours' (the other colours) by so much. For each trained token this finds, by gradient ascent, the ``h``
+    that gives it the highest probability; the floor is the mean of ``-log`` of those. A model that ranks every
+    answer first but sits at this loss has learnt all that the frozen LM lets it express.
+    """
+    import torch  # here: the example's CLI writes files only, and answers --help without torch
+
+    lm = model.lang_model
+    tokenizer = processor.tokenizer
+    prompt = VQA_TEMPLATE.format(question=QUESTION, answer="")
+    context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    targets = []
+    for answer in answers:
+        ids = tokenizer(prompt + answer + END_OF_CHUNK_TOKEN, add_special_tokens=False)["input_ids"]
+        if ids[: len(context)] != context:
+            raise ValueError(f"{answer!r} does not tokenize as a continuation of the prompt {prompt!r}.")
+        targets += ids[len(context) :]
+    tokens, counts = torch.tensor(targets).unique(return_counts=True)
+    hidden = torch.randn(len(tokens), lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden.requires_grad_(True)
+    optimizer = torch.optim.Adam([hidden], lr=0.2)
+    for _ in range(steps):
+        log_probs = lm.get_output_embeddings()(lm.model.norm(hidden)).float().log_softmax(-1)
+        loss = -log_probs.gather(1, tokens[:, None]).sum()
+        (hidden.grad,) = torch.autograd.grad(loss, [hidden])  # the model's own .grad stay untouched
+        optimizer.step()
+    with torch.no_grad():
+        log_probs = lm.get_output_embeddings()(lm.model.norm(hidden)).float().log_softmax(-1)
+        best = -log_probs.gather(1, tokens[:, None]).squeeze(1)
+    return float((best * counts).sum() / counts.sum())
+
+
 def config_dict(out: Path, data_entry: dict, *, max_steps: int, eval_every: int, eval_samples: int) -> dict:
-    """The training config: micro's trainable modules on the records, with in-loop evaluation on the test split."""
+    """The training config: micro's trainable modules on the records, with in-loop evaluation on the test split.
+
+    The learning rate is low on purpose. micro already sees colours and shapes and has the words; what it learns here
+    is a new question and answer format, and at 2e-3 it learns that in about 10 steps, so the held-out accuracy is a
+    step from 0 to 100% between two evaluations. At 1e-4, constant after a short warmup, it climbs over about 50 steps
+    (README, *Training*, has the curves of three seeds).
+    """
     return {
         "model": {"pretrained": "micro"},
         "data": [{**data_entry, "batch_size": 16, "max_tokens": 192, "num_workers": 0}],
-        "optim": {"lr": 2e-3, "weight_decay": 0.0},
-        "schedule": {"kind": "cosine", "warmup_steps": min(20, max(1, max_steps // 5)), "min_lr_ratio": 0.1},
+        "optim": {"lr": 1e-4, "weight_decay": 0.0},
+        "schedule": {"kind": "constant", "warmup_steps": min(10, max(1, max_steps // 5))},
         "run": {"output_dir": str(out / "run"), "max_steps": max_steps, "save_every": 0, "log_every": 10,
                 "report_to": None, "seed": 0},
         "eval": {"every": eval_every, "tasks": ["custom"], "custom_kind": "vqa", "data_dir": str(out / "task"),
@@ -109,7 +158,7 @@ def config_dict(out: Path, data_entry: dict, *, max_steps: int, eval_every: int,
     }
 
 
-def write_example(out: str | Path, *, max_steps: int = 400, eval_every: int = 50, eval_samples: int = 100,
+def write_example(out: str | Path, *, max_steps: int = 150, eval_every: int = 10, eval_samples: int = 100,
                   num_train: int = 1000, num_test: int = 200) -> Path:
     """Write the task, the training records and ``out/config.yaml``; return the config's path."""
     out = Path(out).resolve()
@@ -127,8 +176,8 @@ def write_example(out: str | Path, *, max_steps: int = 400, eval_every: int = 50
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory for the task, records and config")
-    parser.add_argument("--max-steps", type=int, default=400)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--max-steps", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=10)
     args = parser.parse_args(argv)
     config = write_example(args.out, max_steps=args.max_steps, eval_every=args.eval_every)
     out = args.out
