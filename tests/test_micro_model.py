@@ -1,5 +1,6 @@
-"""The shipped micro model: the name "micro" loads it with no network, a local folder of that name wins, a missing
-file is named, and every file of it is package data (so a non-editable install has it)."""
+"""The shipped micro model: the name "micro" loads it with no network (a reserved name: a local folder of that name
+loads only as ./micro), a missing file is named, and every file of it is package data (so a non-editable install has
+it)."""
 
 import json
 import re

@@ -144,7 +144,7 @@ def config_dict(out: Path, data_entry: dict, *, max_steps: int, eval_every: int,
     The learning rate is low on purpose. micro already sees colours and shapes and has the words; what it learns here
     is a new question and answer format, and at 2e-3 it learns that in about 10 steps, so the held-out accuracy is a
     step from 0 to 100% between two evaluations. At 1e-4, constant after a short warmup, it climbs over about 50 steps
-    (README, *Training*, has the curves of three seeds).
+    (docs/training.md has the curves of three seeds).
     """
     return {
         "model": {"pretrained": "micro"},

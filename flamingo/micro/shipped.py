@@ -2,7 +2,7 @@
 
 ``Flamingo.from_pretrained("micro")`` and ``FlamingoProcessor.from_pretrained("micro")`` load it with no network::
 
-    model = flamingo.Flamingo.from_pretrained("micro").eval()       # 64 x 64 images; its size: README, "The micro model"
+    model = flamingo.Flamingo.from_pretrained("micro").eval()       # 64 x 64 images; its size: docs/micro.md
     processor = flamingo.FlamingoProcessor.from_pretrained("micro")
 
 The folder (``MICRO_MODEL_DIR``) is what ``save_pretrained(dir, save_backbones=True)`` plus the processor write:

@@ -254,7 +254,7 @@ def binding_episode(split: str, index: int, *, shots: int = 4) -> Episode:
 
     The two kinds are any two of ``KINDS``: most differ in shape and colour, some only in one of them. (Kinds rather
     than shapes alone: the tiny CLIP's features vary more with colour than with shape, and binding by shape across
-    colours was learnt by only some seeds; see the README's micro-model section.)
+    colours was learnt by only some seeds; see docs/micro.md.)
     """
     if shots < 2 or shots % 2:
         raise ValueError(f"A 2-way binding episode needs an even number of demos >= 2; got shots={shots}.")

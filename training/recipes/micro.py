@@ -16,7 +16,7 @@ Steps (each writes into ``--output``):
    for the untrained model (``flamingo-init``), the baseline with untrained cross-attention.
 
 Status: the seed-0 output is the model shipped in ``flamingo/micro/model``. Its figures on held-out scenes and
-words, the seed-to-seed spread and the recipe's time are in the README ("The micro model"), which says what to
+words, the seed-to-seed spread and the recipe's time are in docs/micro.md, which says what to
 rerun; they are not repeated here, so that they cannot go stale.
 """
 
