@@ -84,7 +84,10 @@ def measure(path: Path, args, env: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.record_memory", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--record-mb", type=float, default=50.0, help="size of the huge record's text")
     parser.add_argument("--records", type=int, default=64, help="normal records in each dataset")
     parser.add_argument("--max-tokens", type=int, default=256)

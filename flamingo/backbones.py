@@ -14,6 +14,7 @@ references (a small folder that needs the original to stay where it is), ``save_
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from contextlib import contextmanager
@@ -61,7 +62,7 @@ def load_lang_model(
         return lang_model
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        with _no_loading_bar():
+        with no_transformers_bars():
             return AutoModelForCausalLM.from_pretrained(lang_model, trust_remote_code=trust_remote_code, **kwargs)
     except pickle.UnpicklingError as error:
         pickles = sorted(Path(lang_model).glob("*.bin")) if Path(lang_model).is_dir() else []
@@ -70,9 +71,10 @@ def load_lang_model(
 
 
 @contextmanager
-def _no_loading_bar():
-    """Within: transformers' own progress bars are hidden ("Loading weights", drawn by every ``from_pretrained`` in
-    transformers 5, even of a model already on disk). Download bars are huggingface_hub's own and stay.
+def no_transformers_bars():
+    """Within: transformers' own progress bars are hidden ("Loading weights" and "Writing model shards", drawn by every
+    ``from_pretrained`` and ``save_pretrained`` in transformers 5, even of a tiny model on disk). Download bars are
+    huggingface_hub's own and stay.
 
     ``set_tqdm_hook`` (what transformers' own server wraps its loads in) returns the hook it replaces, which is put
     back after. Older transformers (5.0) has only the global switch, which hides the download bars too; it is turned
@@ -100,6 +102,21 @@ def _no_loading_bar():
         yield
     finally:
         set_hook(previous)
+
+
+@contextmanager
+def transformers_warnings_hidden(logger_name: str):
+    """Within: the transformers logger ``logger_name`` shows errors only (for a warning that announces a choice we made
+    on purpose). Its level is put back after."""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def runs_own_code(lang_model: PreTrainedModel) -> bool:
@@ -152,7 +169,8 @@ def write_backbones(vision_encoder: VisionEncoder, lang_model: PreTrainedModel, 
     if config.vision_model is None:
         raise ValueError("The vision tower was given as an object; its open_clip name is needed to save it.")
     # The LM's state dict holds the trained rows of the added tokens (flamingo.added_tokens), so it saves whole.
-    lang_model.save_pretrained(directory / LANG_MODEL_DIR)
+    with no_transformers_bars():
+        lang_model.save_pretrained(directory / LANG_MODEL_DIR)
     atomic_save_safetensors(directory / VISION_WEIGHTS_NAME, vision_encoder.visual.state_dict())
     config.lang_model, config.vision_pretrained = LANG_MODEL_DIR, VISION_WEIGHTS_NAME
 

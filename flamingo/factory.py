@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .backbones import load_lang_model, reference, runs_own_code
+from .backbones import load_lang_model, reference, runs_own_code, transformers_warnings_hidden
 from .configuration import CrossAttentionConfig, FlamingoConfig, PerceiverConfig
 from .modeling import Flamingo
 from .processing import FlamingoProcessor
@@ -82,7 +82,10 @@ def create_model_and_processor(
     current = lm.get_input_embeddings().weight.shape[0]
     config.vocab_size = len(tokenizer) if resize_to_tokenizer else max(current, len(tokenizer))
     if config.vocab_size != current:
-        lm.resize_token_embeddings(config.vocab_size)
+        # Mean resizing (transformers' default) starts the new rows at the old rows' mean and covariance, which suits
+        # a trained LM; transformers announces that default with a warning every time, which is dropped here.
+        with transformers_warnings_hidden("transformers.modeling_utils"):
+            lm.resize_token_embeddings(config.vocab_size, mean_resizing=True)
     model = Flamingo(config, vision_encoder, lm)
     logger.info("Flamingo model with %d trainable parameters", model.num_parameters(trainable_only=True))
     return model, FlamingoProcessor(tokenizer, preprocess_cfg)

@@ -36,8 +36,19 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+IMAGE_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 __all__ = ["FlamingoProcessor", "ImageLike", "load_image"]
+
+
+def _check_not_an_image_name(text: str, index: int, position: int) -> None:
+    """A lone file name such as ``"cat.png"`` in an interleaved list is text, which would silently give no image."""
+    name = text.strip()
+    if name and not any(c.isspace() for c in name) and name.lower().endswith(IMAGE_FILE_SUFFIXES):
+        raise ValueError(
+            f"Sample {index}, item {position} is the text {name!r}, which reads as an image file name. In an "
+            f"interleaved list a str is text; give the image as pathlib.Path({name!r}) or PIL.Image.open({name!r})."
+        )
 
 
 def _check_text(text: Any, index: int) -> None:
@@ -76,7 +87,10 @@ class FlamingoProcessor:
         images: Sequence[ImageLike] | Sequence[Sequence[ImageLike]] | None = None,
         padding_side: str = "left",
         return_tensors: str = "pt",
+        add_special_tokens: bool = True,
     ) -> BatchFeature:
+        """Tokens and pixels of one sample or a batch (module docstring). ``add_special_tokens=False``: no BOS (or other
+        special tokens the tokenizer adds around a text), for text that continues an earlier call's (a chat turn)."""
         if return_tensors != "pt":
             raise ValueError(f"Only return_tensors='pt' is supported, got {return_tensors!r}.")
         if inputs is not None:
@@ -90,7 +104,8 @@ class FlamingoProcessor:
 
         for index, sample_text in enumerate(texts):
             _check_text(sample_text, index)
-        encoded = self.tokenizer(texts, padding="longest", padding_side=padding_side, return_tensors="pt")
+        encoded = self.tokenizer(texts, padding="longest", padding_side=padding_side, return_tensors="pt",
+                                 add_special_tokens=add_special_tokens)
         input_ids = encoded["input_ids"]
         lengths = encoded["attention_mask"].sum(dim=1).tolist()
         if 0 in lengths:
@@ -149,6 +164,7 @@ class FlamingoProcessor:
                 raise ValueError(f"Sample {index} of the interleaved batch is empty; give at least one text or image.")
             for position, item in enumerate(sample):
                 if isinstance(item, str):
+                    _check_not_an_image_name(item, index, position)
                     parts.append(item)
                 elif is_image(item):
                     # Text that is followed by another image ends its chunk.

@@ -33,6 +33,9 @@ from transformers import (
     Qwen2Config,
 )
 
+from .backbones import no_transformers_bars
+from .vision import no_random_init_warning
+
 # --------------------------------------------------------------------------------------------------------------
 # Vision tower (open_clip)
 # --------------------------------------------------------------------------------------------------------------
@@ -90,7 +93,8 @@ def save_tiny_vision_weights(name, path, seed=0):
     if open_clip.get_model_config(name) is None:
         register_tiny_vision_config(name)
     torch.manual_seed(seed)
-    model = open_clip.create_model(name, pretrained=None)
+    with no_random_init_warning():  # random is what this function is for
+        model = open_clip.create_model(name, pretrained=None)
     path = str(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(model.state_dict(), path)
@@ -313,7 +317,8 @@ def save_tiny_lm(out_dir, family, *, vocab_size=None, seed=0, num_layers=4, hidd
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out_dir)  # safetensors by default
+    with no_transformers_bars():
+        model.save_pretrained(out_dir)  # safetensors by default
     return out_dir
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import pickle
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -157,16 +158,11 @@ def load_vision_encoder(
                 f"Unknown open_clip model {vision_model!r}. Use a name from open_clip.list_models(), register a config "
                 "with open_clip.add_model_config, or pass an open_clip model object."
             )
-    quiet = _DropRandomInitWarning() if weights_follow else None
-    if quiet:
-        logging.getLogger().addFilter(quiet)  # open_clip warns through the root logger
     try:
-        model = open_clip.create_model(vision_model, pretrained=pretrained)
+        with no_random_init_warning() if weights_follow else nullcontext():
+            model = open_clip.create_model(vision_model, pretrained=pretrained)
     except pickle.UnpicklingError as error:
         raise RefusedPickle(refused_pickle("vision_pretrained", pretrained, error)) from error
-    finally:
-        if quiet:
-            logging.getLogger().removeFilter(quiet)
     visual = model.visual
     return VisionEncoder(visual, feature_stage), preprocess_cfg_of(visual), model_cfg
 
@@ -174,6 +170,18 @@ def load_vision_encoder(
 class _DropRandomInitWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def no_random_init_warning():
+    """Within: open_clip's "No pretrained weights loaded ... initialized randomly" (a root-logger warning) is not
+    shown, for callers that load the weights next or want a random tower."""
+    quiet = _DropRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def register_model_config(name: str, model_cfg: dict[str, Any]) -> None:

@@ -3,7 +3,7 @@
 #   oldest: the lowest version pyproject.toml allows, with the exact packages of scripts/constraints-oldest.txt;
 #   newest: the newest release pip offers at run time, with its own dependencies as pip resolves them today.
 # Each is installed into a folder under .venv/ that goes first on PYTHONPATH, so it shares .venv's torch (a second
-# full venv would cost 5.5 GB). Run after scripts/setup.sh; CI runs it after the full suite (.ci/run).
+# full venv would cost 5.5 GB). Run after bash scripts/setup.sh --test; CI runs it after the full suite (.ci/run).
 # Exits non-zero if any run fails, and says on which transformers version.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -211,7 +211,7 @@ def test_the_readme_links_every_docs_page_and_its_contents_list_every_section():
     for needed in ("Install", "Quick start", "Fine-tuning", "Evaluation", "Limitations", "License and citation"):
         assert needed in sections
     # What a user needs first, not a research log: the rest lives in docs/.
-    assert len(readme.splitlines()) <= 250, "the README grew past 250 lines; move detail into docs/"
+    assert len(readme.splitlines()) <= 225, "the README grew past 225 lines; move detail into docs/"
 
 
 # ------------------------------------------------------------------------------------------------ citations
@@ -223,9 +223,13 @@ def test_the_readme_citation_file_and_bibtex_cite_the_same_papers_under_an_apach
     bibtex = (ROOT / "docs/citations.md").read_text()
     cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
     from_cff = {m for ref in cff["references"] for m in ARXIV.findall(ref.get("url", ""))}
-    assert set(ARXIV.findall(readme)) == set(ARXIV.findall(bibtex)) == from_cff
+    assert set(ARXIV.findall(bibtex)) == from_cff
     assert len(from_cff) == 9  # Flamingo, OpenFlamingo, Perceiver, Perceiver IO, CLIP, LIMoE, U-P-MoE, µ2Net, PaLI
-    assert "10.5281/zenodo.5143773" in readme and "10.5281/zenodo.5143773" in bibtex  # OpenCLIP
+    assert set(ARXIV.findall(readme)) == {"2204.14198", "2308.01390"}  # Flamingo and OpenFlamingo; the rest by name:
+    for system in ("Perceiver", "CLIP", "OpenCLIP", "LIMoE", "Uni-Perceiver-MoE", "µ2Net", "PaLI"):
+        assert system in readme and system in bibtex, system
+    assert "[BibTeX](docs/citations.md)" in readme
+    assert "10.5281/zenodo.5143773" in bibtex  # OpenCLIP
     assert any(ref.get("doi") == "10.5281/zenodo.5143773" for ref in cff["references"])
     assert cff["cff-version"] == "1.2.0" and cff["license"] == "Apache-2.0"
     assert all(ref["authors"] and ref["title"] and ref["year"] for ref in cff["references"])

@@ -7,7 +7,7 @@ there (``jupyter nbconvert --execute`` writes ``X.nbconvert.ipynb`` beside ``X.i
 repository, and a glob would count it, check its outputs and run it too.
 
 Fine-tuning runs ``FLAMINGO_NOTEBOOK_STEPS=20`` steps here. After changing a notebook's code, store the outputs of
-its default run (400 fine-tuning steps, about 8 CPU minutes for that notebook)::
+its default run (150 fine-tuning steps; about a CPU minute for that notebook)::
 
     .venv/bin/python tests/test_notebooks.py [few_shot_prompting fine_tuning]
 

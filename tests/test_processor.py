@@ -377,3 +377,14 @@ def test_texts_with_a_flat_image_list_explain_the_nesting(processor):
 def test_one_text_takes_a_single_image_without_a_list(processor):
     image = random_images(1)[0]
     _assert_same_batch(processor(text=f"{IMAGE}a", images=image), processor(text=f"{IMAGE}a", images=[image]))
+
+
+@pytest.mark.parametrize("name", ["cat.png", " photos/Cat.JPEG\n", "C:/images/a.webp"])
+def test_a_lone_image_file_name_in_an_interleaved_list_is_an_error_not_text(processor, name):
+    with pytest.raises(ValueError, match=r"Sample 0, item 1 is the text .* reads as an image file name.*pathlib\.Path"):
+        processor([Image.new("RGB", (8, 8)), name, "Output:"])
+
+
+def test_text_that_mentions_an_image_file_stays_text(processor):
+    batch = processor([Image.new("RGB", (8, 8)), "Output: see cat.png"])
+    assert batch["pixel_values"].shape[1] == 1

@@ -34,7 +34,8 @@ def noise(stderr: str) -> list[str]:
     for line in re.split(r"[\r\n]", stderr):
         logged = LOG_LINE.match(line)
         foreign = logged is not None and logged["name"].split(".")[0] not in OWN
-        if foreign or "Loading weights" in line or "root:" in line or line.startswith("INFO:"):
+        bar = "Loading weights" in line or "Writing model shards" in line
+        if foreign or bar or "root:" in line or line.startswith(("INFO:", "[transformers]")):
             bad.append(line)
     return bad
 
@@ -67,6 +68,23 @@ def test_the_demo_prints_only_its_own_bars(tmp_path):
                 "--examples", "1"], cwd=tmp_path)
     assert noise(done.stderr) == []
     assert re.search(r"\d-shot seed \d+: 100%", done.stderr)  # the evaluation's bars stay
+
+
+def test_the_example_scripts_print_only_what_they_wrote(tmp_path):
+    """The random example model: no weights bars, no transformers notice of its resize, no open_clip warning that the
+    tower is random (it is meant to be)."""
+    done = run([sys.executable, "-m", "flamingo_train.example", "--out", str(tmp_path / "example")], cwd=tmp_path)
+    assert noise(done.stderr) == [], done.stderr
+    assert done.stdout.startswith(f"wrote {tmp_path / 'example' / 'model'}")
+
+
+@pytest.mark.parametrize("module", ["flamingo_train.example", "flamingo_train.micro_example",
+                                    "flamingo_train.recipes.micro", "flamingo_train.task_data", "bench.record_memory"])
+def test_module_command_usage_names_the_command_as_typed(module):
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m {module} ")
 
 
 @pytest.fixture

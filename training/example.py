@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import flamingo
+from flamingo.backbones import no_transformers_bars
 from flamingo.io import atomic_write_text
 from flamingo.testing import register_tiny_vision_config, save_tiny_lm, save_tiny_vision_weights
 from flamingo_train.data.synthetic import write_synthetic_dataset
@@ -62,13 +63,15 @@ def sharpen_output_layer(lm_dir: Path, *, scale: float) -> Path:
     no Flamingo on top of it can predict any token confidently (the loss stalls near ln(vocab)). A trained LM's output
     layer has a logit range of tens; scaling the random one gives the tiny model that headroom.
     """
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir)
+    with no_transformers_bars():
+        lm = AutoModelForCausalLM.from_pretrained(lm_dir)
     head = lm.get_output_embeddings()
     if head is lm.get_input_embeddings():
         raise ValueError(f"{lm_dir}: the output layer is tied to the input embeddings; use an untied family.")
     with torch.no_grad():
         head.weight.mul_(scale)
-    lm.save_pretrained(lm_dir)
+    with no_transformers_bars():
+        lm.save_pretrained(lm_dir)
     return lm_dir
 
 
@@ -111,7 +114,10 @@ def write_example(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flamingo_train.example", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for the model, data and config")
     parser.add_argument("--max-steps", type=int, default=100)
     args = parser.parse_args(argv)

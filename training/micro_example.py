@@ -174,7 +174,10 @@ def write_example(out: str | Path, *, max_steps: int = 150, eval_every: int = 10
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flamingo_train.micro_example", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for the task, records and config")
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--eval-every", type=int, default=10)

@@ -212,7 +212,9 @@ def run(recipe: MicroRecipe, output: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flamingo_train.recipes.micro", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--output", type=Path, default=Path("runs/micro"))
     parser.add_argument("--smoke", action="store_true", help="a shrunken run that checks the pipeline")
     parser.add_argument("--seed", type=int, default=0)
