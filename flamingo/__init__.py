@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
+    "ChatSession": "chat",
     "CrossAttentionConfig": "configuration",
     "FlamingoConfig": "configuration",
     "PerceiverConfig": "configuration",
@@ -27,6 +28,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports each name on first use
+    from .chat import ChatSession
     from .configuration import CrossAttentionConfig, FlamingoConfig, PerceiverConfig
     from .factory import create_model_and_processor
     from .media_state import MediaState

@@ -4,7 +4,8 @@
 # Safe to run again: it reinstalls only when the constraints or pyproject.toml changed, or a flag asks for more.
 #
 #   bash scripts/setup.sh               the package with its eval and plot extras: flamingo-demo, -train, -eval
-#   bash scripts/setup.sh --test        also the test extras and the OpenFlamingo reference (the README's test command)
+#   bash scripts/setup.sh --test        also the test extras, the OpenFlamingo reference and headless Chromium for the web
+#                                       demo's browser test (scripts/install_browser.sh; the README's test command)
 #   bash scripts/setup.sh --notebooks   also JupyterLab, to open the notebooks: .venv/bin/jupyter lab notebooks/
 #
 # What was installed once stays installed: a later run without a flag keeps the extras of earlier runs, and keeps
@@ -63,3 +64,8 @@ if [ "$(head -n 1 "$stamp" 2>/dev/null)" != "$wanted" ] || [ -n "$missing" ] || 
   installed=$(versions)
 fi
 echo "set up .venv with extras ${extras[*]}: $installed ($([ "$CONSTRAINTS" = none ] && echo 'newest releases' || echo "tested set $CONSTRAINTS"))"
+if [[ " ${extras[*]} " == *" test "* ]]; then
+  # The browser test needs Chromium and its driver from the system's packages (installing them needs root; without
+  # root the script says what to run, and the browser test fails with the same advice).
+  bash scripts/install_browser.sh || echo "scripts/setup.sh: no headless Chromium: tests/test_web_demo.py will fail until it is installed" >&2
+fi

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The equivalence, generation and OpenFlamingo-parity tests on the edges of the supported transformers range:
+# The equivalence, generation, chat-session and OpenFlamingo-parity tests on the edges of the supported transformers range:
 #   oldest: the lowest version pyproject.toml allows, with the exact packages of scripts/constraints-oldest.txt;
 #   newest: the newest release pip offers at run time, with its own dependencies as pip resolves them today.
 # Each is installed into a folder under .venv/ that goes first on PYTHONPATH, so it shares .venv's torch (a second
@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-TESTS=(tests/test_lm_calls.py tests/test_generation.py tests/test_media_state.py tests/test_auxiliary.py tests/test_equivalence.py tests/test_lm_side.py tests/test_openflamingo.py)
+TESTS=(tests/test_lm_calls.py tests/test_generation.py tests/test_chat.py tests/test_media_state.py tests/test_auxiliary.py tests/test_equivalence.py tests/test_lm_side.py tests/test_openflamingo.py)
 failed=()
 
 install_oldest() {  # exact, small: only what differs from .venv (transformers and the hub/tokenizers it needs)

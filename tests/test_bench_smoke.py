@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,3 +44,15 @@ def test_tiny_suite_runs_every_case_and_writes_the_table(tmp_path, config):
     classify = next(r for r in rows if r.case.startswith("rank classification") and "prefix" in r.contender)
     assert classify.extra["score_difference"] < 1e-4 and "scores equal to" in classify.note
     assert len([line for line in text.splitlines() if line.startswith("| ")]) >= len(rows)
+
+
+def test_chat_turn_bench_prints_a_ratio_row_for_every_turn(capsys):
+    from bench.chat_turns import main as chat_turns
+
+    chat_turns(["--configs", "micro", "--turns", "1", "3", "--repeats", "1", "--new-tokens", "2"])
+    assert torch.is_grad_enabled()  # the bench leaves the process as it found it
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "3"]
+    ratios = [[float(x) for x in row[1:]] for row in rows]
+    assert ratios[0][0] == 1.0 and all(math.isfinite(x) and x > 0 for row in ratios for x in row)
